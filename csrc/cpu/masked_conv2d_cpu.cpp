@@ -1,0 +1,465 @@
+// CPU kernels of dynconv::masked_conv2d and dynconv::masked_conv2d_backward.
+//
+// Forward, per tile of active output rows and per K-block of the reduction:
+//   gather the rows' receptive fields from the channels-last input into a row-major tile (fits L2)
+//   -> register-blocked GEMM against weights pre-packed in 16-column panels (tile_gemm)
+//   -> epilogue adds bias (and the residual) and writes each row straight to its output pixel.
+// Tiles run in parallel with at::parallel_for. Inactive pixels are written as 0 (or keep the residual).
+// Above `dense_threshold` active density the dense ATen convolution is faster and is used instead.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../conv_shape.h"
+#include "active_rows.h"
+#include "tile_gemm.h"
+
+namespace dynconv::cpu {
+namespace {
+
+constexpr int64_t kTileRows = 96;  // rows per backward tile (multiple of kMR)
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct PixelCoord {
+  int64_t n, ho, wo;
+};
+inline PixelCoord coord(const ConvShape& s, int64_t p) {
+  const int64_t hw = s.Ho * s.Wo;
+  const int64_t n = p / hw, r = p - n * hw;
+  return {n, r / s.Wo, r % s.Wo};
+}
+
+// Packs the weights of every group into 16-column panels:
+//   packed[((g * panels + p) * K + k) * 16 + j] = weight[g*Cog + p*16 + j, c, kh, kw], k = (kh*KW + kw)*Cg + c.
+template <typename T>
+at::Tensor pack_weight_panels(const ConvShape& s, const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR);
+  // A tensor, not a vector: the CPU allocator aligns to 64 bytes, so each 16-float panel row is one
+  // cache line and B loads never split lines.
+  at::Tensor packed = at::zeros({s.G * panels * K * kNR}, weight.options());
+  T* pk = packed.data_ptr<T>();
+  for (int64_t gp = 0; gp < s.G * panels; ++gp) {
+    const int64_t g = gp / panels, p = gp % panels;
+    T* dst = pk + gp * K * kNR;
+    for (int64_t j = 0; j < kNR && p * kNR + j < s.Cog; ++j) {
+      const T* src = wp + (g * s.Cog + p * kNR + j) * s.Cg * s.taps();  // [Cg, KH, KW]
+      for (int64_t c = 0; c < s.Cg; ++c)
+        for (int64_t t = 0; t < s.taps(); ++t) dst[(t * s.Cg + c) * kNR + j] = src[c * s.taps() + t];
+    }
+  }
+  return packed;
+}
+
+// Copies columns [k0, k0 + kc) of the im2row rows of `count` active pixels (group g) into a[count x kc].
+template <typename T>
+void gather_rows(const ConvShape& s, const T* x, const int64_t* rows, int64_t count, int64_t g, int64_t k0,
+                 int64_t kc, T* a) {
+  for (int64_t r = 0; r < count; ++r) {
+    const PixelCoord pc = coord(s, rows[r]);
+    const int64_t hi0 = pc.ho * s.SH - s.PH, wi0 = pc.wo * s.SW - s.PW;
+    T* dst = a + r * kc;
+    int64_t k = k0;
+    const int64_t k1 = k0 + kc;
+    while (k < k1) {
+      const int64_t t = k / s.Cg, c0 = k - t * s.Cg, len = std::min(s.Cg - c0, k1 - k);
+      const int64_t hi = hi0 + (t / s.KW) * s.DH, wi = wi0 + (t % s.KW) * s.DW;
+      if (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W)
+        std::memcpy(dst, x + ((pc.n * s.H + hi) * s.W + wi) * s.C + g * s.Cg + c0, len * sizeof(T));
+      else
+        std::memset(dst, 0, len * sizeof(T));
+      dst += len;
+      k += len;
+    }
+  }
+}
+
+struct OutView {
+  int64_t sN, sC, sH, sW;
+};
+inline OutView out_view(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Zeroes the inactive output pixels of image rows [nh_begin, nh_end) (an image row = one (n, ho)).
+// Called inside the compute region, one proportional slice per chunk, so no extra parallel region.
+template <typename T>
+void zero_inactive(const ConvShape& s, const bool* mask, int64_t nh_begin, int64_t nh_end, T* out, const OutView& ov) {
+  for (int64_t nh = nh_begin; nh < nh_end; ++nh) {
+    const int64_t n = nh / s.Ho, ho = nh % s.Ho;
+    const bool* mrow = mask + (n * s.Hm + ho / s.block) * s.Wm;
+    T* base = out + n * ov.sN + ho * ov.sH;
+    for (int64_t wo = 0; wo < s.Wo;) {
+      if (mrow[wo / s.block]) { ++wo; continue; }
+      int64_t end = wo + 1;
+      while (end < s.Wo && !mrow[end / s.block]) ++end;
+      if (ov.sC == 1 && ov.sW == s.Co) {
+        std::memset(base + wo * ov.sW, 0, (end - wo) * s.Co * sizeof(T));  // a run of whole pixels
+      } else {
+        for (int64_t w = wo; w < end; ++w)
+          for (int64_t co = 0; co < s.Co; ++co) base[w * ov.sW + co * ov.sC] = T(0);
+      }
+      wo = end;
+    }
+  }
+}
+
+// The slice of image rows a chunk [b, e) of n work items zeroes: proportional, so slices tile [0, N*Ho).
+inline std::pair<int64_t, int64_t> zero_slice(const ConvShape& s, int64_t b, int64_t e, int64_t n) {
+  const int64_t rows = s.N * s.Ho;
+  return {b * rows / n, e * rows / n};
+}
+
+// Implicit GEMM. A macro block of kBlocksPerMacro x kMR active rows reads the input in place through
+// per-tap row pointers (no im2row copy). Taps are split into chunks whose weight panel (<= ~12 KiB)
+// stays in L1 while every row block of the macro block uses it; results accumulate in a small
+// tile and go straight to the rows' output pixels with the bias (and residual) added.
+static int64_t tune(const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; }
+static const int64_t kBlocksPerMacro = tune("DC_BPM", 4);
+static const int64_t kTapBytes = tune("DC_TAPB", 12288);
+static const int64_t kPf = tune("DC_PF", 3);
+
+template <typename T>
+void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
+                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, const bool* zero_mask) {
+  const at::Tensor wpack_t = pack_weight_panels<T>(s, weight);
+  const T* wpack = wpack_t.data_ptr<T>();
+  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps(), ldc = panels * kNR;
+  const int64_t tap_chunk = std::max<int64_t>(1, (kTapBytes / int64_t(sizeof(T) * kNR)) / s.Cg);
+  const int64_t M = static_cast<int64_t>(rows.size());
+  const int64_t macro_rows = kBlocksPerMacro * kMR, nmacro = ceil_div(M, macro_rows);
+  const int64_t per_macro = kBlocksPerMacro * taps * kMR;  // row pointers of one macro block: [block][tap][row]
+  // Input offset read by tap t of each row of macro block mb (-1 = padding); pad rows repeat the last row.
+  const auto macro_offsets = [&](int64_t mb, int64_t* offs) {
+    const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
+    for (int64_t r = 0; r < macro_rows; ++r) {
+      const PixelCoord pc = coord(s, rows[r0 + std::min(r, mt - 1)]);
+      const int64_t hi0 = pc.ho * s.SH - s.PH, wi0 = pc.wo * s.SW - s.PW;
+      int64_t* o = offs + (r / kMR) * taps * kMR + r % kMR;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t hi = hi0 + (t / s.KW) * s.DH, wi = wi0 + (t % s.KW) * s.DW;
+        o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? ((pc.n * s.H + hi) * s.W + wi) * s.C : -1;
+      }
+    }
+  };
+  const int64_t line = 64 / sizeof(T);
+  at::parallel_for(0, nmacro, 2, [&](int64_t mb_begin, int64_t mb_end) {
+    if (zero_mask) {
+      const auto [z0, z1] = zero_slice(s, mb_begin, mb_end, nmacro);
+      zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
+    }
+    const std::vector<T> zeros(static_cast<size_t>(s.Cg), T(0));  // what a padding tap reads
+    std::vector<int64_t> offs(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
+    std::vector<const T*> ptrs(static_cast<size_t>(per_macro));
+    std::vector<T> ctile(static_cast<size_t>(macro_rows * ldc));
+    macro_offsets(mb_begin, next.data());
+    for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
+      const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
+      const int64_t nblk = ceil_div(mt, kMR);
+      offs.swap(next);
+      // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
+      // rows while this one computes.
+      if (mb + 1 < mb_end) {
+        macro_offsets(mb + 1, next.data());
+        for (int64_t q = 0; q < per_macro; ++q)
+          if (next[q] >= 0)
+            for (int64_t e = 0; e < s.C; e += line) {
+              if (kPf == 3) __builtin_prefetch(x + next[q] + e, 0, 3);
+              else if (kPf == 2) __builtin_prefetch(x + next[q] + e, 0, 2);
+            }
+      }
+      for (int64_t g = 0; g < s.G; ++g) {
+        for (int64_t q = 0; q < nblk * taps * kMR; ++q) ptrs[q] = offs[q] < 0 ? zeros.data() : x + offs[q] + g * s.Cg;
+        const T* wg = wpack + g * panels * K * kNR;
+        for (int64_t t0 = 0; t0 < taps; t0 += tap_chunk) {
+          const int64_t tc = std::min(tap_chunk, taps - t0);
+          for (int64_t p = 0; p < panels; ++p)
+            for (int64_t blk = 0; blk < nblk; ++blk)
+              conv_block_6x16<T>(tc, s.Cg, ptrs.data() + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
+                                 ctile.data() + blk * kMR * ldc + p * kNR, ldc, t0 > 0);
+        }
+        for (int64_t r = 0; r < mt; ++r) {
+          const PixelCoord pc = coord(s, rows[r0 + r]);
+          T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW + g * s.Cog * ov.sC;
+          const T* src = ctile.data() + r * ldc;
+          const T* bg = bias ? bias + g * s.Cog : nullptr;
+          if (ov.sC == 1 && !add) {
+            for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + (bg ? bg[j] : T(0));
+          } else {
+            for (int64_t j = 0; j < s.Cog; ++j) {
+              const T v = src[j] + (bg ? bg[j] : T(0));
+              dst[j * ov.sC] = add ? dst[j * ov.sC] + v : v;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Depthwise-style groups (one input channel per group): a GEMM would be 1 column wide, so compute
+// directly, vectorized over channels of the channels-last input.
+template <typename T>
+void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
+                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, const bool* zero_mask) {
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  // wt[t][co] = weight[co, 0, t]: contiguous over output channels for the inner loop.
+  std::vector<T> wt(static_cast<size_t>(s.taps() * s.Co));
+  for (int64_t co = 0; co < s.Co; ++co)
+    for (int64_t t = 0; t < s.taps(); ++t) wt[t * s.Co + co] = wp[co * s.taps() + t];
+  const int64_t M = static_cast<int64_t>(rows.size());
+  at::parallel_for(0, M, 64, [&](int64_t rb, int64_t re) {
+    if (zero_mask) {
+      const auto [z0, z1] = zero_slice(s, rb, re, M);
+      zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
+    }
+    std::vector<T> acc(static_cast<size_t>(s.Co));
+    for (int64_t r = rb; r < re; ++r) {
+      const PixelCoord pc = coord(s, rows[r]);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t t = 0; t < s.taps(); ++t) {
+        const int64_t hi = pc.ho * s.SH - s.PH + (t / s.KW) * s.DH, wi = pc.wo * s.SW - s.PW + (t % s.KW) * s.DW;
+        if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) continue;
+        const T* xp = x + ((pc.n * s.H + hi) * s.W + wi) * s.C;
+        const T* wr = wt.data() + t * s.Co;
+        if (s.Cog == 1)
+          for (int64_t c = 0; c < s.C; ++c) acc[c] += xp[c] * wr[c];
+        else
+          for (int64_t co = 0; co < s.Co; ++co) acc[co] += xp[co / s.Cog] * wr[co];
+      }
+      T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
+      for (int64_t co = 0; co < s.Co; ++co) {
+        const T v = acc[co] + (bias ? bias[co] : T(0));
+        dst[co * ov.sC] = add ? dst[co * ov.sC] + v : v;
+      }
+    }
+  });
+}
+
+at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, int64_t block_size,
+                             const std::optional<at::Tensor>& residual, double dense_threshold) {
+  const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_residual(s, input, *residual);
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "masked_conv2d (CPU): dtype must be float32 or float64, got ", input.scalar_type());
+  const auto fmt = input.suggest_memory_format();
+
+  const ActiveRows act = build_active_rows(s, mask, /*with_inverse=*/false);
+  const double density = s.out_pixels() ? double(act.rows.size()) / double(s.out_pixels()) : 0.0;
+  if (!act.rows.empty() && density >= dense_threshold) {
+    at::Tensor out = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
+    if (act.rows.size() != size_t(s.out_pixels())) out.mul_(pixel_mask(mask, s));
+    if (has_res) out.add_(*residual);
+    return out;
+  }
+
+  at::Tensor out = at::empty({s.N, s.Co, s.Ho, s.Wo}, input.options().memory_format(fmt));
+  if (has_res) out.copy_(*residual);
+  if (act.rows.empty()) {
+    if (!has_res) out.zero_();
+    return out;
+  }
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor mask_c = mask.contiguous();
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_cpu", [&] {
+    const OutView ov = out_view(out);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    const bool* zero_mask = has_res ? nullptr : mask_c.data_ptr<bool>();  // inactive pixels to zero
+    static const bool zsep = tune("DC_ZSEP", 0);
+    if (zsep && zero_mask) {
+      at::parallel_for(0, s.N * s.Ho, 16, [&](int64_t b0, int64_t e0) { zero_inactive<scalar_t>(s, zero_mask, b0, e0, op, ov); });
+      zero_mask = nullptr;
+    }
+    if (s.Cg == 1)
+      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, zero_mask);
+    else
+      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, zero_mask);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward. G = grad_output at the active rows ([M x Co]), A = the gathered im2row rows.
+//   grad_bias   = column sums of G
+//   grad_weight = per group, A_g^T G_g           (tile_gemm on the transposed tile, summed over tiles)
+//   grad_input  = per group, dA_g = G_g W_g, then each input pixel pulls the dA entries that read it
+//                 (a gather instead of a scatter-add, so threads never write the same pixel)
+// ------------------------------------------------------------------------------------------------
+
+// Packs W_g^T in panels over its K columns: packed[((g*kpanels + p)*Cog + co)*16 + j] = W[g*Cog+co, k=p*16+j].
+template <typename T>
+std::vector<T> pack_weight_transposed(const ConvShape& s, const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  const int64_t K = s.k_per_group(), kpanels = ceil_div(K, kNR);
+  std::vector<T> packed(static_cast<size_t>(s.G * kpanels * s.Cog * kNR), T(0));
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t co = 0; co < s.Cog; ++co) {
+      const T* src = wp + (g * s.Cog + co) * s.Cg * s.taps();
+      for (int64_t c = 0; c < s.Cg; ++c)
+        for (int64_t t = 0; t < s.taps(); ++t) {
+          const int64_t k = t * s.Cg + c, p = k / kNR, j = k % kNR;
+          packed[((g * kpanels + p) * s.Cog + co) * kNR + j] = src[c * s.taps() + t];
+        }
+    }
+  return packed;
+}
+
+template <typename T>
+void backward_impl(const ConvShape& s, const T* x, const T* go, const at::Tensor& weight, const ActiveRows& act,
+                   T* grad_input /*NHWC*/, T* grad_weight /*[Co,Cg,KH,KW]*/, T* grad_bias) {
+  const int64_t M = static_cast<int64_t>(act.rows.size());
+  const int64_t K = s.k_per_group();
+  const int64_t opanels = ceil_div(s.Cog, kNR), kpanels = ceil_div(K, kNR);
+  const int64_t Kpad = kpanels * kNR;
+  // Tile rows so one tile's gathered rows ([TM x K]) stay within ~256 KiB.
+  const int64_t TM = std::max<int64_t>(kMR, std::min<int64_t>(kTileRows, (65536 / std::max<int64_t>(K, 1)) / kMR * kMR));
+  const int64_t ntiles = ceil_div(M, TM);
+  const int nthreads = at::get_num_threads();
+
+  if (grad_bias) {
+    std::vector<T> acc(static_cast<size_t>(s.Co), T(0));
+    for (int64_t r = 0; r < M; ++r) {
+      const T* g = go + act.rows[r] * s.Co;
+      for (int64_t co = 0; co < s.Co; ++co) acc[co] += g[co];
+    }
+    std::copy(acc.begin(), acc.end(), grad_bias);
+  }
+
+  if (grad_weight) {
+    // Per thread: dWt[g][k][co] accumulated over that thread's tiles, rows padded to kMR.
+    const int64_t Kr = round_up(K, kMR), ldc = opanels * kNR;
+    std::vector<std::vector<T>> partial(static_cast<size_t>(nthreads));
+    at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+      std::vector<T>& dwt = partial[at::get_thread_num()];
+      if (dwt.empty()) dwt.assign(static_cast<size_t>(s.G * Kr * ldc), T(0));
+      std::vector<T> abuf(static_cast<size_t>(TM * K + kMR), T(0));  // +kMR: padded rows read past the end
+      std::vector<T> gpack(static_cast<size_t>(opanels * TM * kNR));
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t r0 = t * TM, mt = std::min(TM, M - r0);
+        for (int64_t g = 0; g < s.G; ++g) {
+          gather_rows<T>(s, x, act.rows.data() + r0, mt, g, 0, K, abuf.data());
+          std::fill(gpack.begin(), gpack.end(), T(0));
+          for (int64_t r = 0; r < mt; ++r) {
+            const T* gr = go + act.rows[r0 + r] * s.Co + g * s.Cog;
+            for (int64_t co = 0; co < s.Cog; ++co) gpack[((co / kNR) * TM + r) * kNR + co % kNR] = gr[co];
+          }
+          // dWt_g[K x Cog] += A^T[K x mt] * G[mt x Cog]; a(i = k, kk = r) = abuf[r*K + k].
+          tile_gemm<T>(Kr, opanels, mt, abuf.data(), 1, K, gpack.data(), TM * kNR, dwt.data() + g * Kr * ldc, ldc,
+                       true);
+        }
+      }
+    });
+    const int64_t ktot = s.Cg * s.taps();
+    for (int64_t g = 0; g < s.G; ++g)
+      for (int64_t co = 0; co < s.Cog; ++co)
+        for (int64_t c = 0; c < s.Cg; ++c)
+          for (int64_t t = 0; t < s.taps(); ++t) {
+            T v = 0;
+            for (const auto& dwt : partial)
+              if (!dwt.empty()) v += dwt[(g * Kr + t * s.Cg + c) * ldc + co];
+            grad_weight[(g * s.Cog + co) * ktot + c * s.taps() + t] = v;
+          }
+  }
+
+  if (grad_input) {
+    const std::vector<T> wtp = pack_weight_transposed<T>(s, weight);
+    const int64_t ld = s.G * Kpad;  // dA row: [G][Kpad]
+    std::vector<T> dA(static_cast<size_t>((M + kMR) * ld));
+    at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+      std::vector<T> gbuf(static_cast<size_t>(round_up(TM, kMR) * s.Co));
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t r0 = t * TM, mt = std::min(TM, M - r0), mpad = round_up(mt, kMR);
+        for (int64_t r = 0; r < mt; ++r) std::memcpy(&gbuf[r * s.Co], go + act.rows[r0 + r] * s.Co, s.Co * sizeof(T));
+        std::fill(gbuf.begin() + mt * s.Co, gbuf.begin() + mpad * s.Co, T(0));
+        for (int64_t g = 0; g < s.G; ++g)
+          tile_gemm<T>(mpad, kpanels, s.Cog, gbuf.data() + g * s.Cog, s.Co, 1, wtp.data() + g * kpanels * s.Cog * kNR,
+                       s.Cog * kNR, dA.data() + r0 * ld + g * Kpad, ld, false);
+      }
+    });
+    at::parallel_for(0, s.N * s.H, 4, [&](int64_t b, int64_t e) {
+      for (int64_t nh = b; nh < e; ++nh) {
+        const int64_t n = nh / s.H, hi = nh % s.H;
+        for (int64_t wi = 0; wi < s.W; ++wi) {
+          T* gi = grad_input + ((n * s.H + hi) * s.W + wi) * s.C;
+          std::fill(gi, gi + s.C, T(0));
+          for (int64_t kh = 0; kh < s.KH; ++kh) {
+            const int64_t hnum = hi + s.PH - kh * s.DH;
+            if (hnum < 0 || hnum % s.SH) continue;
+            const int64_t ho = hnum / s.SH;
+            if (ho >= s.Ho) continue;
+            for (int64_t kw = 0; kw < s.KW; ++kw) {
+              const int64_t wnum = wi + s.PW - kw * s.DW;
+              if (wnum < 0 || wnum % s.SW) continue;
+              const int64_t wo = wnum / s.SW;
+              if (wo >= s.Wo) continue;
+              const int64_t row = act.row_of_pixel[(n * s.Ho + ho) * s.Wo + wo];
+              if (row < 0) continue;
+              const int64_t tap = kh * s.KW + kw;
+              const T* src = dA.data() + row * ld + tap * s.Cg;
+              for (int64_t g = 0; g < s.G; ++g)
+                for (int64_t c = 0; c < s.Cg; ++c) gi[g * s.Cg + c] += src[g * Kpad + c];
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t block_size,
+    std::array<bool, 3> output_mask, double dense_threshold) {
+  const ConvShape s = make_conv_shape(input, weight, std::nullopt, mask, stride, padding, dilation, groups, block_size);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.Co &&
+                  grad_output.size(2) == s.Ho && grad_output.size(3) == s.Wo,
+              "masked_conv2d_backward: grad_output has shape ", grad_output.sizes(), ", expected [", s.N, ", ", s.Co,
+              ", ", s.Ho, ", ", s.Wo, "]");
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  const ActiveRows act = build_active_rows(s, mask, /*with_inverse=*/output_mask[0]);
+  const double density = s.out_pixels() ? double(act.rows.size()) / double(s.out_pixels()) : 0.0;
+  if (!act.rows.empty() && density >= dense_threshold) {
+    const at::Tensor gm = grad_output * pixel_mask(mask, s);
+    auto [gi, gw, gb] = at::convolution_backward(gm, input, weight, at::IntArrayRef{s.Co}, stride, padding, dilation,
+                                                 false, {0, 0}, groups, output_mask);
+    return {output_mask[0] ? gi : empty(), output_mask[1] ? gw : empty(), output_mask[2] ? gb : empty()};
+  }
+  at::Tensor gi = output_mask[0] ? at::empty({s.N, s.C, s.H, s.W}, input.options().memory_format(at::MemoryFormat::ChannelsLast)) : empty();
+  at::Tensor gw = output_mask[1] ? at::empty_like(weight, at::MemoryFormat::Contiguous) : empty();
+  at::Tensor gb = output_mask[2] ? at::empty({s.Co}, input.options()) : empty();
+  if (act.rows.empty()) {
+    gi.zero_(); gw.zero_(); gb.zero_();
+  } else {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_backward_cpu", [&] {
+      backward_impl<scalar_t>(s, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), weight, act,
+                              output_mask[0] ? gi.data_ptr<scalar_t>() : nullptr,
+                              output_mask[1] ? gw.data_ptr<scalar_t>() : nullptr,
+                              output_mask[2] ? gb.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (output_mask[0]) gi = gi.contiguous(input.suggest_memory_format());
+  return {gi, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynconv, CPU, m) {
+  m.impl("masked_conv2d", &masked_conv2d_cpu);
+  m.impl("masked_conv2d_backward", &masked_conv2d_backward_cpu);
+}
+
+}  // namespace dynconv::cpu

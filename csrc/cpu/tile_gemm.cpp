@@ -1,0 +1,203 @@
+#include "tile_gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DYNCONV_X86 1
+#endif
+
+namespace dynconv::cpu {
+namespace {
+
+// Portable kernel: the compiler vectorizes the j loop. Used for double and on non-AVX2 CPUs.
+template <typename T>
+void micro_generic(int64_t kc, const T* a, int64_t rs_a, int64_t cs_a, const T* b, T* c, int64_t ldc,
+                   bool accumulate) {
+  T acc[kMR][kNR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* bk = b + k * kNR;
+    for (int64_t i = 0; i < kMR; ++i) {
+      const T ai = a[i * rs_a + k * cs_a];
+      for (int64_t j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
+    }
+  }
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t j = 0; j < kNR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+template <typename T>
+void conv_block_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc,
+                        bool accumulate) {
+  T acc[kMR][kNR] = {};
+  for (int64_t t = 0; t < ntaps; ++t)
+    for (int64_t k = 0; k < cg; ++k) {
+      const T* bk = b + (t * cg + k) * kNR;
+      for (int64_t i = 0; i < kMR; ++i) {
+        const T ai = rows[t * kMR + i][k];
+        for (int64_t j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
+      }
+    }
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t j = 0; j < kNR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+template <typename T>
+void tile_generic(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, int64_t cs_a, const T* b,
+                  int64_t panel_stride, T* c, int64_t ldc, bool accumulate) {
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t i = 0; i < m; i += kMR)
+      micro_generic<T>(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, c + i * ldc + p * kNR, ldc, accumulate);
+}
+
+#ifdef DYNCONV_X86
+// 6x16 float block: 12 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
+// Per k: 2 loads of B, 6 broadcasts of A, 12 FMAs, so the loop is bound by the two FMA pipes.
+__attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,
+                                                    const float* b, float* c, int64_t ldc, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  const float* a0 = a;
+  const float* a1 = a + rs_a;
+  const float* a2 = a + 2 * rs_a;
+  const float* a3 = a + 3 * rs_a;
+  const float* a4 = a + 4 * rs_a;
+  const float* a5 = a + 5 * rs_a;
+  int64_t off = 0;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k, off += cs_a, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = _mm256_loadu_ps(b + 8);
+    __m256 t = _mm256_broadcast_ss(a0 + off);
+    c00 = _mm256_fmadd_ps(t, b0, c00); c01 = _mm256_fmadd_ps(t, b1, c01);
+    t = _mm256_broadcast_ss(a1 + off);
+    c10 = _mm256_fmadd_ps(t, b0, c10); c11 = _mm256_fmadd_ps(t, b1, c11);
+    t = _mm256_broadcast_ss(a2 + off);
+    c20 = _mm256_fmadd_ps(t, b0, c20); c21 = _mm256_fmadd_ps(t, b1, c21);
+    t = _mm256_broadcast_ss(a3 + off);
+    c30 = _mm256_fmadd_ps(t, b0, c30); c31 = _mm256_fmadd_ps(t, b1, c31);
+    t = _mm256_broadcast_ss(a4 + off);
+    c40 = _mm256_fmadd_ps(t, b0, c40); c41 = _mm256_fmadd_ps(t, b1, c41);
+    t = _mm256_broadcast_ss(a5 + off);
+    c50 = _mm256_fmadd_ps(t, b0, c50); c51 = _mm256_fmadd_ps(t, b1, c51);
+  }
+#define DYNCONV_STORE_ROW(i, lo, hi)                                                  \
+  {                                                                                   \
+    float* ci = c + (i) * ldc;                                                        \
+    if (accumulate) {                                                                 \
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                                    \
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                                \
+    }                                                                                 \
+    _mm256_storeu_ps(ci, lo);                                                         \
+    _mm256_storeu_ps(ci + 8, hi);                                                     \
+  }
+  DYNCONV_STORE_ROW(0, c00, c01) DYNCONV_STORE_ROW(1, c10, c11) DYNCONV_STORE_ROW(2, c20, c21)
+  DYNCONV_STORE_ROW(3, c30, c31) DYNCONV_STORE_ROW(4, c40, c41) DYNCONV_STORE_ROW(5, c50, c51)
+#undef DYNCONV_STORE_ROW
+}
+
+__attribute__((target("avx2,fma"))) void tile_avx2(int64_t m, int64_t panels, int64_t kc, const float* a,
+                                                   int64_t rs_a, int64_t cs_a, const float* b,
+                                                   int64_t panel_stride, float* c, int64_t ldc, bool accumulate) {
+  // Panel-outer order: one B panel (kc x 16, at most 16 KiB for kc <= 256) stays in L1 while
+  // every 6-row block of the A tile streams past it.
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t i = 0; i < m; i += kMR)
+      micro_avx2(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, c + i * ldc + p * kNR, ldc, accumulate);
+}
+
+__attribute__((target("avx2,fma"))) void conv_block_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                         const float* b, float* c, int64_t ldc, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* a0 = rows[t * kMR + 0];
+    const float* a1 = rows[t * kMR + 1];
+    const float* a2 = rows[t * kMR + 2];
+    const float* a3 = rows[t * kMR + 3];
+    const float* a4 = rows[t * kMR + 4];
+    const float* a5 = rows[t * kMR + 5];
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < cg; ++k, b += kNR) {
+      const __m256 b0 = _mm256_loadu_ps(b);
+      const __m256 b1 = _mm256_loadu_ps(b + 8);
+      __m256 x = _mm256_broadcast_ss(a0 + k);
+      c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a1 + k);
+      c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a2 + k);
+      c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a3 + k);
+      c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = _mm256_broadcast_ss(a4 + k);
+      c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = _mm256_broadcast_ss(a5 + k);
+      c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+  }
+#define DYNCONV_STORE_ROW(i, lo, hi)                                                  \
+  {                                                                                   \
+    float* ci = c + (i) * ldc;                                                        \
+    if (accumulate) {                                                                 \
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                                    \
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                                \
+    }                                                                                 \
+    _mm256_storeu_ps(ci, lo);                                                         \
+    _mm256_storeu_ps(ci + 8, hi);                                                     \
+  }
+  DYNCONV_STORE_ROW(0, c00, c01) DYNCONV_STORE_ROW(1, c10, c11) DYNCONV_STORE_ROW(2, c20, c21)
+  DYNCONV_STORE_ROW(3, c30, c31) DYNCONV_STORE_ROW(4, c40, c41) DYNCONV_STORE_ROW(5, c50, c51)
+#undef DYNCONV_STORE_ROW
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
+
+}  // namespace
+
+bool tile_gemm_uses_avx2() { return cpu_has_avx2_fma(); }
+
+template <>
+void tile_gemm<float>(int64_t m, int64_t panels, int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,
+                      const float* b, int64_t panel_stride, float* c, int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx2_fma()) {
+    tile_avx2(m, panels, kc, a, rs_a, cs_a, b, panel_stride, c, ldc, accumulate);
+    return;
+  }
+#endif
+  tile_generic<float>(m, panels, kc, a, rs_a, cs_a, b, panel_stride, c, ldc, accumulate);
+}
+
+template <>
+void tile_gemm<double>(int64_t m, int64_t panels, int64_t kc, const double* a, int64_t rs_a, int64_t cs_a,
+                       const double* b, int64_t panel_stride, double* c, int64_t ldc, bool accumulate) {
+  tile_generic<double>(m, panels, kc, a, rs_a, cs_a, b, panel_stride, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_6x16<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
+                            int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx2_fma()) {
+    conv_block_avx2(ntaps, cg, rows, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  conv_block_generic<float>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_6x16<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
+                             int64_t ldc, bool accumulate) {
+  conv_block_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+}  // namespace dynconv::cpu

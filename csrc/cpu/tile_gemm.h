@@ -1,0 +1,30 @@
+// Register-blocked GEMM on a tile: C[m x 16*panels] (+)= A[m x kc] * B[kc x 16*panels].
+//
+// A is read through two strides, a(i, k) = a[i * rs_a + k * cs_a], so the same kernel serves a
+// row-major gathered tile (forward, grad_input) and a transposed one (grad_weight).
+// B is pre-packed in panels of 16 columns: panel p holds b[p * panel_stride + k * 16 + j].
+// C is row-major with leading dimension ldc (a multiple of 16); m must be a multiple of kMR.
+#pragma once
+
+#include <cstdint>
+
+namespace dynconv::cpu {
+
+constexpr int64_t kMR = 6;   // rows of the register block
+constexpr int64_t kNR = 16;  // columns of the register block (two AVX2 float vectors)
+
+template <typename T>
+void tile_gemm(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, int64_t cs_a,
+               const T* b, int64_t panel_stride, T* c, int64_t ldc, bool accumulate);
+
+// Implicit-GEMM block of a convolution: 6 output rows x 16 output channels, full reduction.
+//   c[i*ldc + j] (+)= sum_t sum_k rows[t*6 + i][k] * b[(t*cg + k)*16 + j]
+// rows[t*6 + i] points at the cg input channels that tap t of row i reads (a zero row where the tap
+// falls in the padding), so the input is read in place: no im2row copy.
+template <typename T>
+void conv_block_6x16(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+
+// True when the AVX2+FMA float kernel is used on this CPU.
+bool tile_gemm_uses_avx2();
+
+}  // namespace dynconv::cpu

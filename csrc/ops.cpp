@@ -1,0 +1,49 @@
+// All operator schemas of dynconv_ext, in one place. Kernels register per dispatch key in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd are registered from Python
+// (dynconv_ext/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <torch/version.h>
+
+#include <string>
+
+#include "cpu/tile_gemm.h"
+
+// Importing dynconv_ext._C from Python runs the static TORCH_LIBRARY registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dynconv_ext native kernels", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace dynconv {
+
+std::string build_info() {
+  std::string s = "torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                  std::to_string(TORCH_VERSION_PATCH) + ";cpu_kernel=";
+  s += cpu::tile_gemm_uses_avx2() ? "avx2_fma" : "generic";
+#ifdef DYNCONV_WITH_CUDA
+  s += ";cuda=1";
+#else
+  s += ";cuda=0";
+#endif
+  return s;
+}
+
+TORCH_LIBRARY(dynconv, m) {
+  // out[n, :, p] = conv(input, weight, bias)[n, :, p] where the mask is True at p, 0 elsewhere
+  // (or residual + conv / residual when a residual is given). mask: bool [N, ceil(Ho/b), ceil(Wo/b)]
+  // with b = block_size. Active density >= dense_threshold computes densely and masks.
+  m.def(
+      "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int block_size, Tensor? residual, float dense_threshold) -> Tensor");
+  // Gradients of masked_conv2d with respect to input, weight and bias (residual's gradient is
+  // grad_output itself). Entries not asked for in output_mask are returned as empty tensors.
+  m.def(
+      "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor mask, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int block_size, bool[3] output_mask, float dense_threshold) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace dynconv

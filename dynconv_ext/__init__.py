@@ -1,0 +1,8 @@
+"""dynconv_ext: real wall-clock speedups for dynamic-inference CNNs (masked convolution kernels)."""
+from . import _extension
+from . import ops, reference
+from . import nn  # noqa: E402  (after ops: modules call the functionals)
+from ._extension import build_info
+
+__version__ = "0.1.0"
+__all__ = ["ops", "nn", "reference", "build_info", "__version__"]

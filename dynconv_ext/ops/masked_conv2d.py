@@ -1,0 +1,280 @@
+"""masked_conv2d: a convolution computed only at the output pixels a mask selects.
+
+    out = masked_conv2d(input, weight, bias, mask, stride, padding, dilation, groups)
+
+equals ``F.conv2d(input, weight, bias, stride, padding, dilation, groups)`` where ``mask`` is True and
+0 elsewhere (no bias there), but only the selected pixels are computed: run time falls with the mask's
+density. With ``residual=r`` the result is ``r + conv`` at selected pixels and ``r`` elsewhere (the
+residual add of a gated block, without a dense intermediate).
+
+Masks
+    * pixel granularity: bool ``[N, Ho, Wo]`` or ``[N, 1, Ho, Wo]`` (the output's spatial size);
+    * block granularity: bool ``[N, ceil(Ho/b), ceil(Wo/b)]`` (or with the channel dim), one entry per
+      ``b x b`` block of output pixels; ``b`` is inferred from the shape, or given as ``block_size``
+      when several ``b`` fit.
+
+Backends (``backend=``)
+    ``"auto"``      the C++ kernel on CPU, which computes densely and masks above the measured crossover
+                    density where that is faster; on CUDA the registered CUDA kernel, or the reference
+                    when none is built
+    ``"cpp"``       the gather-GEMM-scatter kernel at every density (no dense fallback)
+    ``"dense"``     dense convolution then masking, through the same op
+    ``"reference"`` pure PyTorch (``dynconv_ext.reference``), differentiable by autograd
+
+Gradients reach ``input``, ``weight``, ``bias`` and ``residual`` and equal those of the dense reference
+``F.conv2d(...) * mask``; only the selected pixels contribute.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _extension
+from ..reference import masked_conv2d_reference
+
+BACKENDS = ("auto", "cpp", "dense", "reference")
+
+IntOr2 = Union[int, Tuple[int, int]]
+
+# Active density at and above which dense convolution + masking beats the sparse kernel, measured with
+# `python -m dynconv_ext crossover` (benchmarks/results/crossover_cpu.md) on a 2-core AVX2 machine.
+# Keyed by whether the kernel is 1x1: 1x1 convs have no im2row expansion, so sparse stays cheap longer.
+_CPU_CROSSOVER = {"kxk": 0.85, "1x1": 0.85}
+_NEVER = 2.0  # a density above 1: always sparse
+
+
+def dense_crossover(weight_shape, device_type: str = "cpu") -> float:
+    """The density at and above which backend="auto" computes densely (then masks)."""
+    if device_type != "cpu":
+        return _NEVER
+    key = "1x1" if tuple(weight_shape[-2:]) == (1, 1) else "kxk"
+    return _CPU_CROSSOVER[key]
+
+
+def _pair(value, name: str) -> Tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        a, b = value
+        return int(a), int(b)
+    except (TypeError, ValueError):
+        raise TypeError(f"masked_conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
+
+
+def _output_size(h, w, kh, kw, stride, padding, dilation):
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def resolve_block_size(mask_hw, out_hw, block_size: Optional[int] = None) -> int:
+    """The block size b for which a mask of spatial size mask_hw covers an output of out_hw."""
+    hm, wm = mask_hw
+    ho, wo = out_hw
+
+    def fits(b):
+        return -(-ho // b) == hm and -(-wo // b) == wm
+
+    if block_size is not None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"masked_conv2d: block_size must be a positive int, got {block_size!r}")
+        if not fits(block_size):
+            raise ValueError(
+                f"masked_conv2d: mask of spatial size {hm}x{wm} does not match block_size={block_size} "
+                f"for an output of {ho}x{wo} (expected {-(-ho // block_size)}x{-(-wo // block_size)})"
+            )
+        return block_size
+    if (hm, wm) == (ho, wo):
+        return 1
+    candidates = [b for b in range(2, max(ho, wo) + 1) if fits(b)]
+    if not candidates:
+        raise ValueError(
+            f"masked_conv2d: mask of spatial size {hm}x{wm} fits no block size for an output of {ho}x{wo}; "
+            f"a pixel mask must be {ho}x{wo}, a block mask ceil({ho}/b) x ceil({wo}/b)"
+        )
+    if len(candidates) > 1:
+        raise ValueError(
+            f"masked_conv2d: mask of spatial size {hm}x{wm} fits block sizes {candidates} for an output of "
+            f"{ho}x{wo}; pass block_size= to choose"
+        )
+    return candidates[0]
+
+
+def _validate(input, weight, bias, mask, stride, padding, dilation, groups, residual):
+    if not isinstance(input, torch.Tensor) or input.dim() != 4:
+        raise ValueError(f"masked_conv2d: input must be a 4-D tensor [N, C, H, W], got "
+                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("masked_conv2d: weight must be a 4-D tensor [C_out, C_in/groups, kH, kW]")
+    if not input.is_floating_point():
+        raise TypeError(f"masked_conv2d: input must be a floating-point tensor, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"masked_conv2d: weight dtype {weight.dtype} differs from input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"masked_conv2d: weight is on {weight.device}, input on {input.device}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"masked_conv2d: groups must be a positive int, got {groups!r}")
+    c_in, c_out = input.shape[1], weight.shape[0]
+    if c_in % groups != 0:
+        raise ValueError(f"masked_conv2d: groups={groups} does not divide the input channels ({c_in})")
+    if c_out % groups != 0:
+        raise ValueError(f"masked_conv2d: groups={groups} does not divide the output channels ({c_out})")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"masked_conv2d: input has {c_in} channels but weight expects {weight.shape[1] * groups} "
+            f"(weight.shape[1]={weight.shape[1]} x groups={groups})"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (c_out,):
+            raise ValueError(f"masked_conv2d: bias must have shape ({c_out},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias!r}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"masked_conv2d: bias dtype {bias.dtype} differs from input dtype {input.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"masked_conv2d: bias is on {bias.device}, input on {input.device}")
+    if any(s < 1 for s in stride):
+        raise ValueError(f"masked_conv2d: stride must be >= 1, got {stride}")
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"masked_conv2d: dilation must be >= 1, got {dilation}")
+    if any(p < 0 for p in padding):
+        raise ValueError(f"masked_conv2d: padding must be >= 0, got {padding}")
+    ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"masked_conv2d: input of {input.shape[2]}x{input.shape[3]} is too small for the "
+                         f"kernel {tuple(weight.shape[2:])} (output would be {ho}x{wo})")
+    if residual is not None:
+        want = (input.shape[0], c_out, ho, wo)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want:
+            raise ValueError(f"masked_conv2d: residual must have the output's shape {want}, got "
+                             f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual!r}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"masked_conv2d: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"masked_conv2d: residual is on {residual.device}, input on {input.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"masked_conv2d: mask must be a bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masked_conv2d: mask must be a bool tensor (e.g. `gate > 0`), got {mask.dtype}")
+        if mask.device != input.device:
+            raise ValueError(f"masked_conv2d: mask is on {mask.device}, input on {input.device}")
+        if mask.dim() == 4 and mask.shape[1] != 1:
+            raise ValueError(f"masked_conv2d: a 4-D mask must be [N, 1, Hm, Wm], got {tuple(mask.shape)}")
+        if mask.dim() not in (3, 4):
+            raise ValueError(f"masked_conv2d: mask must be [N, Hm, Wm] or [N, 1, Hm, Wm], got {tuple(mask.shape)}")
+        if mask.shape[0] != input.shape[0]:
+            raise ValueError(f"masked_conv2d: mask batch ({mask.shape[0]}) differs from input batch "
+                             f"({input.shape[0]})")
+    return ho, wo
+
+
+def masked_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    stride: IntOr2 = 1,
+    padding: IntOr2 = 0,
+    dilation: IntOr2 = 1,
+    groups: int = 1,
+    *,
+    block_size: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Convolution computed only where ``mask`` is True (see the module docstring for the full contract).
+
+    Args:
+        input: ``[N, C, H, W]`` float tensor (NCHW or channels-last; channels-last avoids a layout copy).
+        weight: ``[C_out, C/groups, kH, kW]``.
+        bias: ``[C_out]`` or None; added only at selected pixels.
+        mask: bool pixel mask ``[N, (1,) Ho, Wo]`` or block mask ``[N, (1,) ceil(Ho/b), ceil(Wo/b)]``;
+            None means every pixel (plain ``F.conv2d``, plus ``residual``).
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
+        block_size: ``b`` of a block mask, when the mask's shape alone is ambiguous.
+        residual: optional ``[N, C_out, Ho, Wo]`` tensor the result is added onto.
+        backend: ``"auto"``, ``"cpp"``, ``"dense"`` or ``"reference"``.
+
+    Returns:
+        ``[N, C_out, Ho, Wo]`` tensor in the input's memory format.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"masked_conv2d: backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(padding, str):
+        raise ValueError("masked_conv2d: padding must be ints here; SparseConv2d accepts 'same'/'valid'")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    ho, wo = _validate(input, weight, bias, mask, stride, padding, dilation, groups, residual)
+    if mask is None:
+        out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return out if residual is None else out + residual
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)
+
+    use_reference = backend == "reference" or (
+        input.device.type != "cpu" and not _has_device_kernel(input.device.type)
+    )
+    if use_reference:
+        return masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual)
+    if input.dtype not in (torch.float32, torch.float64) and input.device.type == "cpu":
+        raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
+    _extension.require_extension()
+    threshold = {"auto": dense_crossover(weight.shape, input.device.type), "cpp": _NEVER, "dense": 0.0}[backend]
+    return torch.ops.dynconv.masked_conv2d(
+        input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual, threshold
+    )
+
+
+def _has_device_kernel(device_type: str) -> bool:
+    key = {"cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("dynconv::masked_conv2d", key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fake kernels (shapes only, never data) and autograd for the dynconv::masked_conv2d operators.
+# ---------------------------------------------------------------------------------------------------
+def _out_memory_format(t: torch.Tensor):
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+        else torch.contiguous_format
+
+
+if _extension.load_error() is None:
+
+    @torch.library.register_fake("dynconv::masked_conv2d")
+    def _masked_conv2d_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
+                            dense_threshold):
+        ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding,
+                              dilation)
+        return input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(
+            memory_format=_out_memory_format(input))
+
+    @torch.library.register_fake("dynconv::masked_conv2d_backward")
+    def _masked_conv2d_backward_fake(grad_output, input, weight, mask, stride, padding, dilation, groups,
+                                     block_size, output_mask, dense_threshold):
+        gi = torch.empty_like(input, memory_format=_out_memory_format(input)) if output_mask[0] \
+            else input.new_empty((0,))
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] \
+            else input.new_empty((0,))
+        gb = input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,))
+        return gi, gw, gb
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual, threshold = inputs
+        ctx.save_for_backward(input, weight, mask)
+        ctx.conv_args = (stride, padding, dilation, groups, block_size)
+        ctx.threshold = threshold
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_output):
+        input, weight, mask = ctx.saved_tensors
+        stride, padding, dilation, groups, block_size = ctx.conv_args
+        need = ctx.needs_input_grad
+        output_mask = [need[0], need[1], need[2] and ctx.has_bias]
+        gi = gw = gb = None
+        if any(output_mask):
+            gi, gw, gb = torch.ops.dynconv.masked_conv2d_backward(
+                grad_output, input, weight, mask, stride, padding, dilation, groups, block_size, output_mask,
+                ctx.threshold)
+        return (gi if output_mask[0] else None, gw if output_mask[1] else None, gb if output_mask[2] else None,
+                None, None, None, None, None, None, grad_output if need[9] else None, None)
+
+    torch.library.register_autograd("dynconv::masked_conv2d", _backward, setup_context=_setup_context)

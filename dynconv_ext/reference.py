@@ -1,0 +1,38 @@
+"""Pure-PyTorch reference implementations: the oracles of the tests and the fallback of last resort.
+
+They compute densely and mask, which is exactly what the official code of dynamic networks does.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_block_mask(mask: torch.Tensor, block_size: int, out_hw: Sequence[int]) -> torch.Tensor:
+    """Expands a [N, Hm, Wm] (or [N, 1, Hm, Wm]) block mask to a [N, 1, Ho, Wo] pixel mask."""
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    if block_size > 1:
+        mask = mask.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    return mask[:, : out_hw[0], : out_hw[1]].unsqueeze(1)
+
+
+def masked_conv2d_reference(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    block_size: int = 1,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """conv2d computed densely, then zeroed where the mask is False; plus `residual` if given."""
+    out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    pixel_mask = expand_block_mask(mask, block_size, out.shape[-2:])
+    out = torch.where(pixel_mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if residual is not None:
+        out = out + residual
+    return out
