@@ -10,8 +10,9 @@ residual add of a gated block, without a dense intermediate).
 Masks
     * pixel granularity: bool ``[N, Ho, Wo]`` or ``[N, 1, Ho, Wo]`` (the output's spatial size);
     * block granularity: bool ``[N, ceil(Ho/b), ceil(Wo/b)]`` (or with the channel dim), one entry per
-      ``b x b`` block of output pixels; ``b`` is inferred from the shape, or given as ``block_size``
-      when several ``b`` fit.
+      ``b x b`` block of output pixels (edge blocks may be partial); ``b`` is inferred from the shape
+      (the ``b`` that tiles the output exactly, else the only ``b`` that fits), or given as
+      ``block_size`` when the shape alone is ambiguous.
 
 Backends (``backend=``)
     ``"auto"``      the C++ kernel on CPU, which computes densely and masks above the measured crossover
@@ -91,6 +92,9 @@ def resolve_block_size(mask_hw, out_hw, block_size: Optional[int] = None) -> int
             f"masked_conv2d: mask of spatial size {hm}x{wm} fits no block size for an output of {ho}x{wo}; "
             f"a pixel mask must be {ho}x{wo}, a block mask ceil({ho}/b) x ceil({wo}/b)"
         )
+    exact = [b for b in candidates if ho == hm * b and wo == wm * b]
+    if exact:  # the block size that tiles the output exactly is the natural reading
+        return exact[0]
     if len(candidates) > 1:
         raise ValueError(
             f"masked_conv2d: mask of spatial size {hm}x{wm} fits block sizes {candidates} for an output of "

@@ -1,0 +1,38 @@
+"""Collects benchmark rows and prints (and optionally writes) the MAC-vs-latency tables at the end."""
+import os
+
+import pytest
+import torch
+
+_TABLES = {}
+
+
+@pytest.fixture(scope="session")
+def bench_rows():
+    """Tests append their result rows to bench_rows[table_name]."""
+    return _TABLES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pin_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _TABLES:
+        return
+    from dynconv_ext.profile import machine_description
+    from dynconv_ext.profile.masked_conv_table import format_markdown, plot, write_csv
+    machine = machine_description()
+    out = config.getoption("--bench-out")
+    for name, rows in _TABLES.items():
+        terminalreporter.write_sep("=", f"{name}: MAC-vs-latency ({machine})")
+        terminalreporter.write_line(format_markdown(rows))
+        if out:
+            os.makedirs(out, exist_ok=True)
+            write_csv(rows, os.path.join(out, f"{name}.csv"))
+            with open(os.path.join(out, f"{name}.md"), "w") as f:
+                f.write(f"# {name}\n\nMachine: {machine}\n\nCommand: `pytest --benchmark --bench-out {out}`\n\n"
+                        f"{format_markdown(rows)}\n")
+            plot(rows, os.path.join(out, f"{name}.png"), title=machine)
+            terminalreporter.write_line(f"wrote {out}/{name}.{{md,csv,png}}")

@@ -1,0 +1,164 @@
+"""The MAC-vs-latency table of masked_conv2d on ResNet layer shapes (CLI `bench` and benchmarks/).
+
+Every row times, in alternation: PyTorch's dense conv in NCHW and in channels-last (the faster counts
+as "dense"), our op with backend="auto" (what users get) and "cpp" (the sparse kernel at every density),
+and the plain-PyTorch gather-scatter a user would write.
+"""
+import csv
+import dataclasses
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import masked_conv2d
+from .baselines import torch_gather_scatter_conv2d
+from .macs import conv2d_macs
+from .timing import interleaved_medians
+
+# ResNet-50 stages at 224x224 input: (channels, spatial size).
+RESNET_LAYERS = ((64, 56), (128, 28), (256, 14))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    channels: int
+    size: int
+    kernel: int
+    batch: int
+    block: int
+    density: float
+
+    @property
+    def layer(self) -> str:
+        return f"{self.channels}ch {self.size}x{self.size} {self.kernel}x{self.kernel}"
+
+    @property
+    def mask_kind(self) -> str:
+        return "pixel" if self.block == 1 else f"block{self.block}"
+
+
+def default_cases(batches: Sequence[int] = (1, 8), densities: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 1.0),
+                  blocks: Sequence[int] = (1, 4), kernels: Sequence[int] = (3, 1),
+                  layers: Sequence = RESNET_LAYERS) -> List[Case]:
+    return [Case(c, s, k, n, b, d) for (c, s) in layers for k in kernels for n in batches for b in blocks
+            for d in densities]
+
+
+def random_mask(batch: int, out_size: int, block: int, density: float, generator=None) -> torch.Tensor:
+    """A Bernoulli(density) mask over b x b blocks of an out_size x out_size output."""
+    cells = -(-out_size // block)
+    return torch.rand(batch, cells, cells, generator=generator) < density
+
+
+def measure_case(case: Case, reps: int = 15, torch_baseline: bool = True, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.batch, case.channels, case.size, case.size, generator=g)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(case.channels, case.channels, case.kernel, case.kernel, generator=g)
+    b = torch.randn(case.channels, generator=g)
+    pad = case.kernel // 2
+    mask = random_mask(case.batch, case.size, case.block, case.density, g)
+    fns = {
+        "dense_nchw": lambda: F.conv2d(x, w, b, 1, pad),
+        "dense_cl": lambda: F.conv2d(x_cl, w, b, 1, pad),
+        "auto": lambda: masked_conv2d(x_cl, w, b, mask, 1, pad, block_size=case.block),
+        "cpp": lambda: masked_conv2d(x_cl, w, b, mask, 1, pad, block_size=case.block, backend="cpp"),
+    }
+    if torch_baseline:
+        fns["torch_gs"] = lambda: torch_gather_scatter_conv2d(x_cl, w, b, mask, 1, pad, block_size=case.block)
+    t = interleaved_medians(fns, reps=reps)
+    pixels = case.batch * case.size * case.size
+    active = int(mask.repeat_interleave(case.block, 1).repeat_interleave(case.block, 2)
+                 [:, :case.size, :case.size].sum())
+    dense_ms = min(t["dense_nchw"], t["dense_cl"])
+    macs_dense = conv2d_macs(w.shape, pixels)
+    macs = conv2d_macs(w.shape, active)
+    return {
+        "layer": case.layer, "batch": case.batch, "mask": case.mask_kind, "density": case.density,
+        "active": active / pixels, "macs_executed_M": macs / 1e6, "macs_dense_M": macs_dense / 1e6,
+        "auto_ms": t["auto"], "sparse_kernel_ms": t["cpp"], "dense_ms": dense_ms,
+        "dense_nchw_ms": t["dense_nchw"], "dense_cl_ms": t["dense_cl"],
+        "torch_gather_scatter_ms": t.get("torch_gs", float("nan")),
+        "speedup": dense_ms / t["auto"], "kernel_speedup": dense_ms / t["cpp"],
+        "ideal_speedup": macs_dense / max(macs, 1),
+    }
+
+
+def run_table(cases: Iterable[Case], reps: int = 15, progress: bool = True, torch_baseline: bool = True) -> List[dict]:
+    cases = list(cases)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(cases), desc="masked_conv2d", unit="case")
+        except ImportError:
+            pass
+    rows = []
+    for case in cases:
+        rows.append(measure_case(case, reps=reps, torch_baseline=torch_baseline))
+        if bar is not None:
+            bar.set_postfix_str(f"{case.layer} n{case.batch} {case.mask_kind} d={case.density}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+COLUMNS = [
+    ("layer", "layer", "{}"), ("batch", "N", "{}"), ("mask", "mask", "{}"), ("density", "density", "{:.2f}"),
+    ("active", "active", "{:.3f}"), ("macs_executed_M", "MACs exec (M)", "{:.0f}"),
+    ("macs_dense_M", "MACs dense (M)", "{:.0f}"), ("auto_ms", "ours ms", "{:.3f}"),
+    ("sparse_kernel_ms", "kernel ms", "{:.3f}"), ("dense_ms", "dense ms", "{:.3f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("kernel_speedup", "kernel speedup", "{:.2f}x"),
+    ("ideal_speedup", "ideal", "{:.2f}x"), ("torch_gather_scatter_ms", "torch g-s ms", "{:.3f}"),
+]
+
+
+def format_markdown(rows: List[dict]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
+    """Speedup over dense vs density, one panel per layer; returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        sel = [r for r in rows if r["layer"] == layer]
+        for (batch, mask) in dict.fromkeys((r["batch"], r["mask"]) for r in sel):
+            pts = sorted((r["active"], r["speedup"]) for r in sel if r["batch"] == batch and r["mask"] == mask)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"N={batch} {mask}")
+        xs = [i / 100 for i in range(8, 101)]
+        ax.plot(xs, [1 / x for x in xs], "k:", label="ideal (MAC ratio)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(0.5, 15)
+        ax.set_xlabel("active density")
+        ax.set_title(layer)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("speedup over best dense conv")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,201 @@
+"""masked_conv2d against the dense reference, over many shapes, layouts, masks and backends."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv_ext.ops import masked_conv2d, resolve_block_size
+from dynconv_ext.reference import expand_block_mask, masked_conv2d_reference
+
+
+def _random_configs(n, seed=1234):
+    rng = random.Random(seed)
+    configs = []
+    for i in range(n):
+        groups = rng.choice([1, 1, 1, 2, 3, "dw"])
+        cg = rng.choice([1, 3, 8, 17])
+        cog = rng.choice([1, 5, 16, 19, 33])
+        if groups == "dw":
+            groups, cg, cog = rng.choice([4, 7]), 1, rng.choice([1, 2])
+        k = rng.choice([(1, 1), (3, 3), (3, 3), (5, 5), (1, 3), (3, 2)])
+        stride = rng.choice([1, 1, 2, (2, 1)])
+        dilation = rng.choice([1, 1, 2])
+        padding = rng.choice([0, 1, 2, (1, 0)])
+        h, w = rng.randint(5, 17), rng.randint(5, 17)
+        block = rng.choice([1, 1, 2, 3, 4, 8])
+        density = rng.choice([0.0, 0.1, 0.5, 0.9, 1.0])
+        configs.append(dict(n=rng.randint(1, 3), cin=cg * groups, cout=cog * groups, k=k, stride=stride,
+                            padding=padding, dilation=dilation, groups=groups, h=h, w=w, block=block,
+                            density=density, bias=rng.random() < 0.7, cl=rng.random() < 0.5,
+                            id=f"cfg{i}"))
+    return configs
+
+
+CONFIGS = _random_configs(48)
+
+
+def _make(cfg, dtype=torch.float32, device="cpu"):
+    x = torch.randn(cfg["n"], cfg["cin"], cfg["h"], cfg["w"], dtype=dtype, device=device)
+    if cfg["cl"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["k"], dtype=dtype, device=device)
+    b = torch.randn(cfg["cout"], dtype=dtype, device=device) if cfg["bias"] else None
+    return x, w, b
+
+
+def _out_hw(cfg):
+    y = F.conv2d(torch.empty(1, cfg["cin"], cfg["h"], cfg["w"]),
+                 torch.empty(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["k"]), None, cfg["stride"],
+                 cfg["padding"], cfg["dilation"], cfg["groups"])
+    return y.shape[-2:]
+
+
+def _mask(cfg, device="cpu"):
+    ho, wo = _out_hw(cfg)
+    b = cfg["block"]
+    return torch.rand(cfg["n"], -(-ho // b), -(-wo // b), device=device) < cfg["density"]
+
+
+def _tol(dtype, k_len):
+    return dict(rtol=1e-4, atol=1e-4 * max(1.0, k_len ** 0.5)) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c["id"] for c in CONFIGS])
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_matches_reference(cfg, backend, device):
+    ho, wo = _out_hw(cfg)
+    if ho < 1 or wo < 1:
+        pytest.skip("output would be empty")
+    x, w, b = _make(cfg, device=device)
+    m = _mask(cfg, device)
+    block = cfg["block"]
+    kw = dict(block_size=block)
+    y = masked_conv2d(x, w, b, m, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], backend=backend, **kw)
+    ref = masked_conv2d_reference(x, w, b, m, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], block)
+    k_len = w.shape[1] * w.shape[2] * w.shape[3]
+    torch.testing.assert_close(y, ref, **_tol(torch.float32, k_len))
+    # Inactive pixels are exactly zero, not just close.
+    pm = expand_block_mask(m, block, (ho, wo)).expand_as(y)
+    assert (y[~pm] == 0).all()
+    # Output keeps the input's memory format.
+    if cfg["cl"] and cfg["cin"] > 1 and y.shape[1] > 1 and min(y.shape[-2:]) > 1:  # else the layout is ambiguous
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    elif not cfg["cl"]:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:16], ids=[c["id"] for c in CONFIGS[:16]])
+def test_residual(cfg, device):
+    ho, wo = _out_hw(cfg)
+    if ho < 1 or wo < 1:
+        pytest.skip("output would be empty")
+    x, w, b = _make(cfg, device=device)
+    m = _mask(cfg, device)
+    r = torch.randn(cfg["n"], cfg["cout"], ho, wo, device=device)
+    args = (cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"])
+    y = masked_conv2d(x, w, b, m, *args, block_size=cfg["block"], residual=r, backend="cpp")
+    ref = masked_conv2d_reference(x, w, b, m, *args, cfg["block"], residual=r)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    pm = expand_block_mask(m, cfg["block"], (ho, wo)).expand_as(y)
+    assert torch.equal(y[~pm], r[~pm])  # untouched where inactive
+    assert not torch.equal(y, r) or not pm.any()  # the residual tensor itself is not modified in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes(dtype):
+    x = torch.randn(2, 6, 9, 9, dtype=dtype)
+    w = torch.randn(8, 6, 3, 3, dtype=dtype)
+    b = torch.randn(8, dtype=dtype)
+    m = torch.rand(2, 9, 9) < 0.4
+    y = masked_conv2d(x, w, b, m, 1, 1, backend="cpp")
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, masked_conv2d_reference(x, w, b, m, 1, 1), **_tol(dtype, 54))
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(2, 12, 20, 22)
+    x = base[:, ::2, 1:-1:1, ::2]  # channel-strided, offset, spatially strided view
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(10, 6, 4, 4).transpose(2, 3)  # non-contiguous weight
+    b = torch.randn(20)[::2]
+    ho = x.shape[2] - 3
+    wo = x.shape[3] - 3
+    m = (torch.rand(2, 1, ho * 2, wo) < 0.5)[:, :, ::2]  # non-contiguous mask
+    y = masked_conv2d(x, w, b, m, backend="cpp")
+    torch.testing.assert_close(y, masked_conv2d_reference(x, w, b, m), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto", "dense", "reference"])
+def test_empty_and_full_masks(backend):
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 8, 3, 3)
+    b = torch.randn(16)
+    empty = torch.zeros(2, 12, 12, dtype=torch.bool)
+    y = masked_conv2d(x, w, b, empty, 1, 1, backend=backend)
+    assert y.shape == (2, 16, 12, 12) and (y == 0).all()
+    full = torch.ones(2, 12, 12, dtype=torch.bool)
+    torch.testing.assert_close(masked_conv2d(x, w, b, full, 1, 1, backend=backend), F.conv2d(x, w, b, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+    r = torch.randn(2, 16, 12, 12)
+    torch.testing.assert_close(masked_conv2d(x, w, b, empty, 1, 1, residual=r, backend=backend), r)
+
+
+def test_no_mask_is_plain_conv():
+    x, w, b = torch.randn(2, 4, 7, 7), torch.randn(5, 4, 3, 3), torch.randn(5)
+    assert torch.equal(masked_conv2d(x, w, b, None, 1, 1), F.conv2d(x, w, b, 1, 1))
+
+
+def test_dense_fallback_equals_sparse_path():
+    """backend='dense' (conv then mask) and 'cpp' (gather-GEMM-scatter) agree; 'auto' uses one of them."""
+    x = torch.randn(2, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
+    for density in (0.05, 0.5, 0.95):
+        m = torch.rand(2, 7, 7) < density
+        ys = [masked_conv2d(x, w, b, m, 1, 1, backend=be) for be in ("cpp", "dense", "auto")]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ys[0], ys[2], rtol=1e-4, atol=1e-4)
+
+
+def test_block_mask_granularity():
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.ones(1, 3, 1, 1)
+    m = torch.tensor([[[True, False], [False, True]]])  # 2x2 blocks of 4x4 pixels
+    y = masked_conv2d(x, w, None, m, backend="cpp")
+    dense = x.sum(1, keepdim=True)
+    assert torch.equal(y[..., :4, :4], dense[..., :4, :4]) and torch.equal(y[..., 4:, 4:], dense[..., 4:, 4:])
+    assert (y[..., :4, 4:] == 0).all() and (y[..., 4:, :4] == 0).all()
+
+
+def test_block_mask_partial_edge_blocks():
+    # 10x10 output with b=4: edge blocks are 2 pixels wide.
+    x, w = torch.randn(2, 5, 10, 10), torch.randn(6, 5, 3, 3)
+    m = torch.rand(2, 3, 3) < 0.5
+    m[:, 2, 2] = True
+    y = masked_conv2d(x, w, None, m, 1, 1, backend="cpp")
+    torch.testing.assert_close(y, masked_conv2d_reference(x, w, None, m, 1, 1, 1, 1, 4), rtol=1e-4, atol=1e-4)
+
+
+def test_mask_with_channel_dim():
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(4, 4, 3, 3)
+    m = torch.rand(2, 1, 9, 9) < 0.5
+    torch.testing.assert_close(masked_conv2d(x, w, None, m, 1, 1), masked_conv2d(x, w, None, m[:, 0], 1, 1))
+
+
+def test_resolve_block_size():
+    assert resolve_block_size((56, 56), (56, 56)) == 1
+    assert resolve_block_size((14, 14), (56, 56)) == 4
+    assert resolve_block_size((2, 2), (7, 7), block_size=4) == 4
+    assert resolve_block_size((2, 2), (8, 8)) == 4  # exact tiling wins over b = 5, 6, 7
+    with pytest.raises(ValueError, match="block_size"):
+        resolve_block_size((2, 2), (7, 7))  # b = 4, 5 and 6 all give 2x2
+    with pytest.raises(ValueError, match="fits no block size"):
+        resolve_block_size((5, 9), (56, 56))
+
+
+def test_large_channels_cover_multiple_k_panels():
+    # 300 channels: several weight panels, tap chunks of one tap, remainder columns.
+    x, w, b = torch.randn(1, 300, 6, 6), torch.randn(70, 300, 3, 3), torch.randn(70)
+    m = torch.rand(1, 6, 6) < 0.6
+    torch.testing.assert_close(masked_conv2d(x, w, b, m, 1, 1, backend="cpp"),
+                               masked_conv2d_reference(x, w, b, m, 1, 1), rtol=1e-4, atol=2e-3)
