@@ -36,19 +36,27 @@ BACKENDS = ("auto", "cpp", "dense", "reference")
 
 IntOr2 = Union[int, Tuple[int, int]]
 
-# Active density at and above which dense convolution + masking beats the sparse kernel, measured with
-# `python -m dynconv_ext crossover` (benchmarks/results/crossover_cpu.md) on a 2-core AVX2 machine.
-# Keyed by whether the kernel is 1x1: 1x1 convs have no im2row expansion, so sparse stays cheap longer.
-_CPU_CROSSOVER = {"kxk": 0.85, "1x1": 0.85}
+# When backend="auto" computes densely (then masks) instead of sparsely, on CPU. Measured with
+# `python -m dynconv_ext crossover` on a 2-core AVX2 machine (benchmarks/results/crossover_cpu.md):
+# on large outputs the sparse kernel loses to oneDNN's dense conv only above ~0.9 density (3x3) and
+# ~0.85 (1x1). Every sparse call also packs the weights (~0.6 ns per weight, while a MAC costs ~1/80 ns
+# per row), so with R output pixels the crossover falls by about 0.6e-9 * 80e9 / R = 48 / R.
+_CPU_CROSSOVER_LARGE = {"kxk": 0.9, "1x1": 0.85}
+_CPU_PACKING_ROWS = 48.0
 _NEVER = 2.0  # a density above 1: always sparse
 
 
-def dense_crossover(weight_shape, device_type: str = "cpu") -> float:
-    """The density at and above which backend="auto" computes densely (then masks)."""
+def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> float:
+    """The active density at and above which backend="auto" computes densely (then masks).
+
+    Args:
+        weight_shape: the conv weight's shape ``[C_out, C_in/groups, kH, kW]``.
+        out_pixels: ``N * Ho * Wo`` of the output.
+    """
     if device_type != "cpu":
         return _NEVER
-    key = "1x1" if tuple(weight_shape[-2:]) == (1, 1) else "kxk"
-    return _CPU_CROSSOVER[key]
+    base = _CPU_CROSSOVER_LARGE["1x1" if tuple(weight_shape[-2:]) == (1, 1) else "kxk"]
+    return max(0.0, base - _CPU_PACKING_ROWS / max(int(out_pixels), 1))
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
@@ -222,7 +230,10 @@ def masked_conv2d(
     if input.dtype not in (torch.float32, torch.float64) and input.device.type == "cpu":
         raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
     _extension.require_extension()
-    threshold = {"auto": dense_crossover(weight.shape, input.device.type), "cpp": _NEVER, "dense": 0.0}[backend]
+    if backend == "auto":
+        threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, input.device.type)
+    else:
+        threshold = {"cpp": _NEVER, "dense": 0.0}[backend]
     return torch.ops.dynconv.masked_conv2d(
         input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual, threshold
     )
