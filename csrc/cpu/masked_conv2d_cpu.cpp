@@ -138,16 +138,32 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
   const int64_t M = static_cast<int64_t>(rows.size());
   const int64_t macro_rows = kBlocksPerMacro * kMR, nmacro = ceil_div(M, macro_rows);
   const int64_t per_macro = kBlocksPerMacro * taps * kMR;  // row pointers of one macro block: [block][tap][row]
-  // Input offset read by tap t of each row of macro block mb (-1 = padding); pad rows repeat the last row.
-  const auto macro_offsets = [&](int64_t mb, int64_t* offs) {
+  // Per-tap displacement tables, so the hot loops do no division by runtime sizes.
+  std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    tap_dh[t] = (t / s.KW) * s.DH;
+    tap_dw[t] = (t % s.KW) * s.DW;
+    tap_off[t] = (tap_dh[t] * s.W + tap_dw[t]) * s.C;
+  }
+  const int64_t span_h = (s.KH - 1) * s.DH, span_w = (s.KW - 1) * s.DW, hw = s.Ho * s.Wo;
+  // For macro block mb: the input offset read by tap t of each row (-1 = padding; pad rows repeat the
+  // last row) and each row's output pixel offset.
+  const auto macro_offsets = [&](int64_t mb, int64_t* offs, int64_t* out_offs) {
     const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
     for (int64_t r = 0; r < macro_rows; ++r) {
-      const PixelCoord pc = coord(s, rows[r0 + std::min(r, mt - 1)]);
-      const int64_t hi0 = pc.ho * s.SH - s.PH, wi0 = pc.wo * s.SW - s.PW;
+      const int64_t p = rows[r0 + std::min(r, mt - 1)];
+      const int64_t n = p / hw, rem = p - n * hw, ho = rem / s.Wo, wo = rem - ho * s.Wo;
+      out_offs[r] = n * ov.sN + ho * ov.sH + wo * ov.sW;
+      const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
+      const int64_t base = ((n * s.H + hi0) * s.W + wi0) * s.C;
       int64_t* o = offs + (r / kMR) * taps * kMR + r % kMR;
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t hi = hi0 + (t / s.KW) * s.DH, wi = wi0 + (t % s.KW) * s.DW;
-        o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? ((pc.n * s.H + hi) * s.W + wi) * s.C : -1;
+      if (hi0 >= 0 && hi0 + span_h < s.H && wi0 >= 0 && wi0 + span_w < s.W) {  // interior: no tap in padding
+        for (int64_t t = 0; t < taps; ++t) o[t * kMR] = base + tap_off[t];
+      } else {
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
+          o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : -1;
+        }
       }
     }
   };
@@ -159,18 +175,19 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
     }
     const std::vector<T> zeros(static_cast<size_t>(s.Cg), T(0));  // what a padding tap reads
     std::vector<int64_t> offs(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
+    std::vector<int64_t> out_offs(static_cast<size_t>(macro_rows)), next_out(static_cast<size_t>(macro_rows));
     std::vector<const T*> ptrs(static_cast<size_t>(per_macro));
     std::vector<T> ctile(static_cast<size_t>(macro_rows * ldc));
-    macro_offsets(mb_begin, next.data());
+    macro_offsets(mb_begin, next.data(), next_out.data());
     for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
       const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
       const int64_t nblk = ceil_div(mt, kMR);
       offs.swap(next);
+      out_offs.swap(next_out);
       // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
-      // rows while this one computes.
-      // (Prefetching 2 or 3 macro blocks ahead measured no better.)
+      // rows while this one computes. (Prefetching 2 or 3 macro blocks ahead measured no better.)
       if (mb + 1 < mb_end) {
-        macro_offsets(mb + 1, next.data());
+        macro_offsets(mb + 1, next.data(), next_out.data());
         for (int64_t q = 0; q < per_macro; ++q)
           if (next[q] >= 0)
             for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(x + next[q] + e, 0, 2);  // to L2, not L1
@@ -185,13 +202,15 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
               conv_block_6x16<T>(tc, s.Cg, ptrs.data() + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
                                  ctile.data() + blk * kMR * ldc + p * kNR, ldc, t0 > 0);
         }
+        const T* bg = bias ? bias + g * s.Cog : nullptr;
         for (int64_t r = 0; r < mt; ++r) {
-          const PixelCoord pc = coord(s, rows[r0 + r]);
-          T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW + g * s.Cog * ov.sC;
+          T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
           const T* src = ctile.data() + r * ldc;
-          const T* bg = bias ? bias + g * s.Cog : nullptr;
-          if (ov.sC == 1 && !add) {
-            for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + (bg ? bg[j] : T(0));
+          if (ov.sC == 1 && !add) {  // channels-last output, no residual: the common, vectorized case
+            if (bg)
+              for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + bg[j];
+            else
+              std::memcpy(dst, src, s.Cog * sizeof(T));
           } else {
             for (int64_t j = 0; j < s.Cog; ++j) {
               const T v = src[j] + (bg ? bg[j] : T(0));
@@ -258,8 +277,18 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const ActiveRows act = build_active_rows(s, mask, /*with_inverse=*/false);
   const double density = s.out_pixels() ? double(act.rows.size()) / double(s.out_pixels()) : 0.0;
   if (!act.rows.empty() && density >= dense_threshold) {
+    // Dense fallback: oneDNN's conv, inactive pixels zeroed in place (one pass, no expanded mask).
     at::Tensor out = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
-    if (act.rows.size() != size_t(s.out_pixels())) out.mul_(pixel_mask(mask, s));
+    if (act.rows.size() != size_t(s.out_pixels())) {
+      const at::Tensor mask_c = mask.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_conv2d_dense_fallback", [&] {
+        scalar_t* op = out.data_ptr<scalar_t>();
+        const OutView ov = out_view(out);
+        at::parallel_for(0, s.N * s.Ho, 16, [&](int64_t b0, int64_t e0) {
+          zero_inactive<scalar_t>(s, mask_c.data_ptr<bool>(), b0, e0, op, ov);
+        });
+      });
+    }
     if (has_res) out.add_(*residual);
     return out;
   }

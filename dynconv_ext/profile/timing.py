@@ -1,4 +1,4 @@
-"""Interleaved timing: candidates run round-robin so slow drifts of a noisy machine hit all alike."""
+"""Interleaved timing: candidates run round-robin (rotating order) so a noisy machine's drifts hit all alike."""
 import contextlib
 import os
 import platform
@@ -24,9 +24,12 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, wa
         start = time.perf_counter()
         i = 0
         while i < reps or (time.perf_counter() - start) < min_time_s * len(fns):
-            for name, fn in fns.items():
+            # Rotate the order every round: whichever candidate runs right after another pays for the
+            # caches that one evicted, so no candidate should always follow the same one.
+            names = list(fns)
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 t0 = time.perf_counter()
-                fn()
+                fns[name]()
                 times[name].append(time.perf_counter() - t0)
             i += 1
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
