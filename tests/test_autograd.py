@@ -78,3 +78,20 @@ def test_opcheck(case, threshold):
     torch.library.opcheck(torch.ops.dynconv.masked_conv2d_backward.default,
                           (g, x.detach(), w.detach(), m, stride, padding, dilation, groups, block,
                            [True, True, False], threshold))
+
+
+@pytest.mark.parametrize("threads,batch", [(1, 3), (2, 1), (2, 4)])
+def test_grad_input_paths(threads, batch):
+    """grad_input has two strategies: per-sample scatter-add (batch >= threads) and gather (batch < threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(batch, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+        m = torch.rand(batch, 5, 5) < 0.5
+        g = torch.randn(batch, 8, 5, 5, dtype=torch.float64)
+        got = torch.autograd.grad(masked_conv2d(x, w, None, m, 2, 1, backend="cpp"), x, g)[0]
+        ref = torch.autograd.grad(masked_conv2d_reference(x, w, None, m, 2, 1), x, g)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(old)

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../conv_shape.h"
@@ -13,33 +15,48 @@ struct ActiveRows {
   std::vector<int64_t> row_of_pixel;  // inverse map, -1 where inactive (filled only when asked)
 };
 
+// One mask row at pixel granularity: active[wo] = mask_row[wo / block], without a division per pixel.
+inline void expand_mask_row(const ConvShape& s, const bool* mask_row, uint8_t* active) {
+  if (s.block == 1) {
+    std::memcpy(active, mask_row, static_cast<size_t>(s.Wo));
+    return;
+  }
+  for (int64_t j = 0, wo = 0; j < s.Wm; ++j) {
+    const uint8_t v = mask_row[j];
+    for (int64_t e = std::min(s.Wo, wo + s.block); wo < e; ++wo) active[wo] = v;
+  }
+}
+
 // Raster order keeps neighbouring rows of a tile close in the input, so their halos share cache lines.
+// Branch-free compaction: random masks would mispredict a branch on every other pixel.
 inline ActiveRows build_active_rows(const ConvShape& s, const at::Tensor& mask, bool with_inverse) {
   const at::Tensor m = mask.contiguous();
   const bool* mp = m.data_ptr<bool>();
-  // Count first: an exact-size vector avoids a worst-case allocation on every call.
   int64_t count = 0;
   for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t ho = 0; ho < s.Ho; ho += s.block) {
-      const bool* mrow = mp + (n * s.Hm + ho / s.block) * s.Wm;
+    for (int64_t i = 0; i < s.Hm; ++i) {
+      const bool* mrow = mp + (n * s.Hm + i) * s.Wm;
       int64_t on = 0;
       for (int64_t j = 0; j < s.Wm; ++j) on += mrow[j] ? std::min(s.block, s.Wo - j * s.block) : 0;
-      count += on * std::min(s.block, s.Ho - ho);
+      count += on * std::min(s.block, s.Ho - i * s.block);
     }
   ActiveRows a;
-  a.rows.resize(static_cast<size_t>(count));
+  a.rows.resize(static_cast<size_t>(count) + 1);  // +1: the branch-free loop writes one past the last row
   if (with_inverse) a.row_of_pixel.assign(static_cast<size_t>(s.out_pixels()), -1);
+  std::vector<uint8_t> active(static_cast<size_t>(s.Wo));
   int64_t* out = a.rows.data();
   int64_t p = 0, r = 0;
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t ho = 0; ho < s.Ho; ++ho) {
-      const bool* mrow = mp + (n * s.Hm + ho / s.block) * s.Wm;
-      for (int64_t wo = 0; wo < s.Wo; ++wo, ++p)
-        if (mrow[s.block == 1 ? wo : wo / s.block]) {
-          if (with_inverse) a.row_of_pixel[p] = r;
-          out[r++] = p;
-        }
+      expand_mask_row(s, mp + (n * s.Hm + ho / s.block) * s.Wm, active.data());
+      for (int64_t wo = 0; wo < s.Wo; ++wo, ++p) {
+        out[r] = p;
+        r += active[wo];
+      }
     }
+  a.rows.resize(static_cast<size_t>(count));
+  if (with_inverse)
+    for (int64_t i = 0; i < count; ++i) a.row_of_pixel[out[i]] = i;
   return a;
 }
 

@@ -93,14 +93,16 @@ inline OutView out_view(const at::Tensor& t) { return {t.stride(0), t.stride(1),
 // Called inside the compute region, one proportional slice per chunk, so no extra parallel region.
 template <typename T>
 void zero_inactive(const ConvShape& s, const bool* mask, int64_t nh_begin, int64_t nh_end, T* out, const OutView& ov) {
+  std::vector<uint8_t> active(static_cast<size_t>(s.Wo));  // this image row's mask, one entry per pixel
   for (int64_t nh = nh_begin; nh < nh_end; ++nh) {
     const int64_t n = nh / s.Ho, ho = nh % s.Ho;
     const bool* mrow = mask + (n * s.Hm + ho / s.block) * s.Wm;
+    expand_mask_row(s, mrow, active.data());
     T* base = out + n * ov.sN + ho * ov.sH;
     for (int64_t wo = 0; wo < s.Wo;) {
-      if (mrow[wo / s.block]) { ++wo; continue; }
+      if (active[wo]) { ++wo; continue; }
       int64_t end = wo + 1;
-      while (end < s.Wo && !mrow[end / s.block]) ++end;
+      while (end < s.Wo && !active[end]) ++end;
       if (ov.sC == 1 && ov.sW == s.Co) {
         std::memset(base + wo * ov.sW, 0, (end - wo) * s.Co * sizeof(T));  // a run of whole pixels
       } else {
@@ -188,9 +190,16 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
       // rows while this one computes. (Prefetching 2 or 3 macro blocks ahead measured no better.)
       if (mb + 1 < mb_end) {
         macro_offsets(mb + 1, next.data(), next_out.data());
-        for (int64_t q = 0; q < per_macro; ++q)
-          if (next[q] >= 0)
-            for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(x + next[q] + e, 0, 2);  // to L2, not L1
+        // Only rows that start a run: in channels-last memory the next pixel's input follows the previous
+        // one's, which the hardware prefetcher already streams.
+        const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
+        for (int64_t r = 0; r < nt; ++r) {
+          if (r > 0 && rows[n0 + r] == rows[n0 + r - 1] + 1) continue;
+          const int64_t* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
+          for (int64_t t = 0; t < taps; ++t)
+            if (o[t * kMR] >= 0)
+              for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(x + o[t * kMR] + e, 0, 2);  // to L2, not L1
+        }
       }
       for (int64_t g = 0; g < s.G; ++g) {
         for (int64_t q = 0; q < nblk * taps * kMR; ++q) ptrs[q] = offs[q] < 0 ? zeros.data() : x + offs[q] + g * s.Cg;
@@ -402,6 +411,41 @@ void backward_impl(const ConvShape& s, const T* x, const T* go, const at::Tensor
   if (grad_input) {
     const std::vector<T> wtp = pack_weight_transposed<T>(s, weight);
     const int64_t ld = s.G * Kpad;  // dA row: [G][Kpad]
+    if (s.N >= nthreads) {
+      // Each thread owns whole samples (an input pixel only receives from outputs of its own sample), so
+      // dA of a tile is scatter-added straight into grad_input while it is still in L2.
+      std::vector<int64_t> sample_begin(static_cast<size_t>(s.N + 1), M);
+      const int64_t hw = s.Ho * s.Wo;
+      for (int64_t r = M - 1; r >= 0; --r) sample_begin[act.rows[r] / hw] = r;
+      for (int64_t n = s.N - 1; n >= 0; --n) sample_begin[n] = std::min(sample_begin[n], sample_begin[n + 1]);
+      at::parallel_for(0, s.N, 1, [&](int64_t nb, int64_t ne) {
+        std::fill(grad_input + nb * s.H * s.W * s.C, grad_input + ne * s.H * s.W * s.C, T(0));
+        std::vector<T> gbuf(static_cast<size_t>(round_up(TM, kMR) * s.Co));
+        std::vector<T> dbuf(static_cast<size_t>(round_up(TM, kMR) * ld));
+        for (int64_t r0 = sample_begin[nb]; r0 < sample_begin[ne]; r0 += TM) {
+          const int64_t mt = std::min(TM, sample_begin[ne] - r0), mpad = round_up(mt, kMR);
+          for (int64_t r = 0; r < mt; ++r) std::memcpy(&gbuf[r * s.Co], go + act.rows[r0 + r] * s.Co, s.Co * sizeof(T));
+          std::fill(gbuf.begin() + mt * s.Co, gbuf.begin() + mpad * s.Co, T(0));
+          for (int64_t g = 0; g < s.G; ++g)
+            tile_gemm<T>(mpad, kpanels, s.Cog, gbuf.data() + g * s.Cog, s.Co, 1,
+                         wtp.data() + g * kpanels * s.Cog * kNR, s.Cog * kNR, dbuf.data() + g * Kpad, ld, false);
+          for (int64_t r = 0; r < mt; ++r) {
+            const int64_t p = act.rows[r0 + r], n = p / hw, rem = p - n * hw, ho = rem / s.Wo, wo = rem - ho * s.Wo;
+            for (int64_t t = 0; t < s.taps(); ++t) {
+              const int64_t hi = ho * s.SH - s.PH + (t / s.KW) * s.DH, wi = wo * s.SW - s.PW + (t % s.KW) * s.DW;
+              if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) continue;
+              T* gi = grad_input + ((n * s.H + hi) * s.W + wi) * s.C;
+              const T* src = dbuf.data() + r * ld + t * s.Cg;
+              for (int64_t g = 0; g < s.G; ++g)
+                for (int64_t c = 0; c < s.Cg; ++c) gi[g * s.Cg + c] += src[g * Kpad + c];
+            }
+          }
+        }
+      });
+      return;
+    }
+    // Fewer samples than threads: materialize dA for all active rows, then each input pixel pulls the
+    // entries that read it (a gather, so threads never write the same pixel).
     std::vector<T> dA(static_cast<size_t>((M + kMR) * ld));
     at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
       std::vector<T> gbuf(static_cast<size_t>(round_up(TM, kMR) * s.Co));
