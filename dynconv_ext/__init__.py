@@ -4,5 +4,13 @@ from . import ops, reference
 from . import nn  # noqa: E402  (after ops: modules call the functionals)
 from ._extension import build_info
 
+import torch as _torch
+
+if _torch.cuda.is_available():  # register the Triton op up front so torch.compile finds it
+    try:
+        from .triton import ops as _triton_ops  # noqa: F401
+    except ImportError:
+        pass
+
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "reference", "build_info", "__version__"]

@@ -83,3 +83,15 @@ def test_module_errors():
 def test_all_false_mask_is_fast_path_zeros():
     y = masked_conv2d(X, W, torch.randn(6), torch.zeros(2, 8, 8, dtype=torch.bool), 1, 1)
     assert (y == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_reject_cpu_tensors(backend):
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        masked_conv2d(X, W, None, M, 1, 1, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpp_backend_rejects_cuda_tensors():
+    with pytest.raises(ValueError, match="CPU kernel"):
+        masked_conv2d(X.cuda(), W.cuda(), None, M.cuda(), 1, 1, backend="cpp")

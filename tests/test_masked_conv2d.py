@@ -199,3 +199,12 @@ def test_large_channels_cover_multiple_k_panels():
     m = torch.rand(1, 6, 6) < 0.6
     torch.testing.assert_close(masked_conv2d(x, w, b, m, 1, 1, backend="cpp"),
                                masked_conv2d_reference(x, w, b, m, 1, 1), rtol=1e-4, atol=2e-3)
+
+
+def test_dense_crossover_rule():
+    from dynconv_ext.ops import dense_crossover
+    assert dense_crossover((64, 64, 3, 3), 8 * 56 * 56) == pytest.approx(0.9 - 48 / (8 * 56 * 56))
+    assert dense_crossover((64, 64, 1, 1), 8 * 56 * 56) < dense_crossover((256, 256, 1, 1), 8 * 14 * 14)
+    assert dense_crossover((256, 256, 3, 3), 14 * 14) < dense_crossover((256, 256, 3, 3), 8 * 14 * 14)
+    assert dense_crossover((64, 64, 3, 3), 1) == 0.0  # a single output pixel: packing dominates
+    assert dense_crossover((64, 64, 3, 3), 100, "cuda") > 1.0

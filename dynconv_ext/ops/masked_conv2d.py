@@ -15,10 +15,12 @@ Masks
       ``block_size`` when the shape alone is ambiguous.
 
 Backends (``backend=``)
-    ``"auto"``      the C++ kernel on CPU, which computes densely and masks above the measured crossover
-                    density where that is faster; on CUDA the registered CUDA kernel, or the reference
-                    when none is built
-    ``"cpp"``       the gather-GEMM-scatter kernel at every density (no dense fallback)
+    ``"auto"``      CPU: the C++ kernel, which computes densely and masks above the measured crossover
+                    density where that is faster. CUDA: the CUDA C++ kernel when built, else the reference
+                    (the Triton kernel is opt-in until it has been measured on a GPU)
+    ``"cpp"``       the CPU gather-GEMM-scatter kernel at every density (no dense fallback)
+    ``"cuda"``      the CUDA C++ kernel (not built yet: raises)
+    ``"triton"``    the Triton forward kernel (CUDA tensors; backward through dense gradient functions)
     ``"dense"``     dense convolution then masking, through the same op
     ``"reference"`` pure PyTorch (``dynconv_ext.reference``), differentiable by autograd
 
@@ -32,16 +34,18 @@ import torch
 from .. import _extension
 from ..reference import masked_conv2d_reference
 
-BACKENDS = ("auto", "cpp", "dense", "reference")
+BACKENDS = ("auto", "cpp", "cuda", "triton", "dense", "reference")
 
 IntOr2 = Union[int, Tuple[int, int]]
 
 # When backend="auto" computes densely (then masks) instead of sparsely, on CPU. Measured with
-# `python -m dynconv_ext crossover` on a 2-core AVX2 machine (benchmarks/results/crossover_cpu.md):
-# on large outputs the sparse kernel loses to oneDNN's dense conv only above ~0.9 density (3x3) and
-# ~0.85 (1x1). Every sparse call also packs the weights (~0.6 ns per weight, while a MAC costs ~1/80 ns
-# per row), so with R output pixels the crossover falls by about 0.6e-9 * 80e9 / R = 48 / R.
-_CPU_CROSSOVER_LARGE = {"kxk": 0.9, "1x1": 0.85}
+# `python -m dynconv_ext crossover` and `bench` on a 2-core AVX2 machine (benchmarks/results/): on large
+# outputs the sparse kernel loses to oneDNN's dense conv only above ~0.9 density for kxk kernels; 1x1
+# convs are memory-bound, and with few channels (64) they lose above ~0.7, with 128+ above ~0.8.
+# Every sparse call also packs the weights (~0.6 ns per weight, while a MAC costs ~1/80 ns per row),
+# so with R output pixels the crossover falls by about 0.6e-9 * 80e9 / R = 48 / R.
+_CPU_CROSSOVER_KXK = 0.9
+_CPU_CROSSOVER_1X1 = {"narrow": 0.7, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
 _NEVER = 2.0  # a density above 1: always sparse
 
@@ -55,7 +59,10 @@ def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> 
     """
     if device_type != "cpu":
         return _NEVER
-    base = _CPU_CROSSOVER_LARGE["1x1" if tuple(weight_shape[-2:]) == (1, 1) else "kxk"]
+    if tuple(weight_shape[-2:]) == (1, 1):
+        base = _CPU_CROSSOVER_1X1["narrow" if weight_shape[1] < 128 else "wide"]
+    else:
+        base = _CPU_CROSSOVER_KXK
     return max(0.0, base - _CPU_PACKING_ROWS / max(int(out_pixels), 1))
 
 
@@ -222,9 +229,21 @@ def masked_conv2d(
         mask = mask[:, 0]
     block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)
 
-    use_reference = backend == "reference" or (
-        input.device.type != "cpu" and not _has_device_kernel(input.device.type)
-    )
+    on_cpu = input.device.type == "cpu"
+    if backend in ("cuda", "triton") and on_cpu:
+        raise ValueError(f"masked_conv2d: backend={backend!r} needs CUDA tensors; on CPU use 'auto' or 'cpp'")
+    if backend == "cpp" and not on_cpu:
+        raise ValueError(f"masked_conv2d: backend='cpp' is the CPU kernel; input is on {input.device}")
+    if backend == "cuda" and not _has_device_kernel("cuda"):
+        raise ValueError("masked_conv2d: backend='cuda': the CUDA C++ kernels are not built in this version "
+                         "(use 'triton' or 'reference')")
+    if backend == "triton":
+        from ..reference import expand_block_mask
+        from ..triton import ops as _triton_ops  # noqa: F401  (registers dynconv::masked_conv2d_triton)
+        pixel_mask = expand_block_mask(mask, block, (ho, wo))[:, 0]
+        return torch.ops.dynconv.masked_conv2d_triton(input, weight, bias, pixel_mask, list(stride), list(padding),
+                                                      list(dilation), groups, residual)
+    use_reference = backend == "reference" or (not on_cpu and not _has_device_kernel(input.device.type))
     if use_reference:
         return masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual)
     if input.dtype not in (torch.float32, torch.float64) and input.device.type == "cpu":

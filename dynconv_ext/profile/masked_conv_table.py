@@ -139,23 +139,33 @@ def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    rows = [r for r in rows if r["active"] > 0]  # an empty mask has no meaningful ratio
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        sel = [r for r in rows if r["layer"] == layer]
-        for (batch, mask) in dict.fromkeys((r["batch"], r["mask"]) for r in sel):
-            pts = sorted((r["active"], r["speedup"]) for r in sel if r["batch"] == batch and r["mask"] == mask)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"N={batch} {mask}")
-        xs = [i / 100 for i in range(8, 101)]
-        ax.plot(xs, [1 / x for x in xs], "k:", label="ideal (MAC ratio)")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_ylim(0.5, 15)
-        ax.set_xlabel("active density")
-        ax.set_title(layer)
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("speedup over best dense conv")
-    axes[0][-1].legend(fontsize=7)
+    # 3x3 layers on the top row, 1x1 below (when both are present).
+    kxk = [lay for lay in layers if not lay.endswith("1x1")]
+    one = [lay for lay in layers if lay.endswith("1x1")]
+    grid = [g for g in (kxk, one) if g]
+    ncols = max(len(g) for g in grid)
+    fig, axes = plt.subplots(len(grid), ncols, figsize=(4.2 * ncols, 3.4 * len(grid)), squeeze=False)
+    for gi, group in enumerate(grid):
+        for ax in axes[gi][len(group):]:
+            ax.axis("off")
+        for ax, layer in zip(axes[gi], group):
+            sel = [r for r in rows if r["layer"] == layer]
+            for (batch, mask) in dict.fromkeys((r["batch"], r["mask"]) for r in sel):
+                pts = sorted((r["active"], r["speedup"]) for r in sel if r["batch"] == batch and r["mask"] == mask)
+                ax.plot([q[0] for q in pts], [q[1] for q in pts], marker="o", label=f"N={batch} {mask}")
+            xs = [i / 100 for i in range(8, 101)]
+            ax.plot(xs, [1 / x for x in xs], "k:", label="ideal (MAC ratio)")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_ylim(0.5, 15)
+            ax.set_xlim(0, 1.05)
+            ax.set_xlabel("active density")
+            ax.set_title(layer)
+            ax.grid(alpha=0.3, which="both")
+        axes[gi][0].set_ylabel("speedup over best dense conv")
+    axes[0][len(grid[0]) - 1].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
