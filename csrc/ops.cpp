@@ -31,12 +31,14 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(dynconv, m) {
-  // out[n, :, p] = conv(input, weight, bias)[n, :, p] where the mask is True at p, 0 elsewhere
-  // (or residual + conv / residual when a residual is given). mask: bool [N, ceil(Ho/b), ceil(Wo/b)]
-  // with b = block_size. Active density >= dense_threshold computes densely and masks.
+  // out[n, :, p] = act(conv(input, weight, bias)[n, :, p] (+ residual)) where the mask is True at p;
+  // 0 (or the residual, untouched) elsewhere. mask: bool [N, ceil(Ho/b), ceil(Wo/b)] with b = block_size.
+  // activation: 0 = none, 1 = ReLU (applied at active pixels only). Active density >= dense_threshold
+  // computes densely and masks.
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, int block_size, Tensor? residual, float dense_threshold) -> Tensor");
+      "int[2] dilation, int groups, int block_size, Tensor? residual, int activation, float dense_threshold) "
+      "-> Tensor");
   // Gradients of masked_conv2d with respect to input, weight and bias (residual's gradient is
   // grad_output itself). Entries not asked for in output_mask are returned as empty tensors.
   m.def(

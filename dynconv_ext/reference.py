@@ -28,11 +28,14 @@ def masked_conv2d_reference(
     groups: int = 1,
     block_size: int = 1,
     residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
-    """conv2d computed densely, then zeroed where the mask is False; plus `residual` if given."""
+    """conv2d computed densely; where the mask is True: act(conv + residual), elsewhere: residual (or 0)."""
     out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     pixel_mask = expand_block_mask(mask, block_size, out.shape[-2:])
-    out = torch.where(pixel_mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    base = residual if residual is not None else torch.zeros((), dtype=out.dtype, device=out.device)
     if residual is not None:
         out = out + residual
-    return out
+    if activation == "relu":
+        out = torch.relu(out)
+    return torch.where(pixel_mask, out, base)

@@ -65,11 +65,11 @@ def test_mask_on_other_device():
 def test_op_level_checks_name_the_argument():
     """Calling the raw operator with a bad mask raises a RuntimeError (not a crash)."""
     with pytest.raises(RuntimeError, match="mask must have shape"):
-        torch.ops.dynconv.masked_conv2d(X, W, None, M[:, :7], [1, 1], [1, 1], [1, 1], 1, 1, None, 2.0)
+        torch.ops.dynconv.masked_conv2d(X, W, None, M[:, :7], [1, 1], [1, 1], [1, 1], 1, 1, None, 0, 2.0)
     with pytest.raises(RuntimeError, match="mask must be bool"):
-        torch.ops.dynconv.masked_conv2d(X, W, None, M.float(), [1, 1], [1, 1], [1, 1], 1, 1, None, 2.0)
+        torch.ops.dynconv.masked_conv2d(X, W, None, M.float(), [1, 1], [1, 1], [1, 1], 1, 1, None, 0, 2.0)
     with pytest.raises(RuntimeError, match="groups"):
-        torch.ops.dynconv.masked_conv2d(X, W, None, M, [1, 1], [1, 1], [1, 1], 3, 1, None, 2.0)
+        torch.ops.dynconv.masked_conv2d(X, W, None, M, [1, 1], [1, 1], [1, 1], 3, 1, None, 0, 2.0)
 
 
 def test_module_errors():

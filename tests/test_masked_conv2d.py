@@ -208,3 +208,36 @@ def test_dense_crossover_rule():
     assert dense_crossover((256, 256, 3, 3), 14 * 14) < dense_crossover((256, 256, 3, 3), 8 * 14 * 14)
     assert dense_crossover((64, 64, 3, 3), 1) == 0.0  # a single output pixel: packing dominates
     assert dense_crossover((64, 64, 3, 3), 100, "cuda") > 1.0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dense", "auto", "reference"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_relu(backend, with_residual, channels_last):
+    x = torch.randn(2, 6, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(7, 6, 3, 3), torch.randn(7)
+    m = torch.rand(2, 9, 9) < 0.5
+    r = torch.randn(2, 7, 9, 9) if with_residual else None  # negative residual values must survive at inactive pixels
+    y = masked_conv2d(x, w, b, m, 1, 1, residual=r, activation="relu", backend=backend)
+    conv = F.conv2d(x, w, b, 1, 1) + (r if r is not None else 0)
+    expected = torch.where(m[:, None], conv.relu(), r if r is not None else torch.zeros(()))
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_relu_gradients():
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(2, 7, 7) < 0.5
+    fn = lambda x_, w_, b_, r_: masked_conv2d(x_, w_, b_, m, 1, 1, residual=r_, activation="relu",  # noqa: E731
+                                               backend="cpp")
+    assert torch.autograd.gradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-6)
+
+
+def test_bad_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        masked_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 5, 5, dtype=torch.bool),
+                      1, 1, activation="gelu")

@@ -132,7 +132,8 @@ constexpr int64_t kTapBytes = 12288;
 
 template <typename T>
 void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, const bool* zero_mask) {
+                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, bool relu,
+                  const bool* zero_mask) {
   const at::Tensor wpack_t = pack_weight_panels<T>(s, weight);
   const T* wpack = wpack_t.data_ptr<T>();
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps(), ldc = panels * kNR;
@@ -215,15 +216,20 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
         for (int64_t r = 0; r < mt; ++r) {
           T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
           const T* src = ctile.data() + r * ldc;
-          if (ov.sC == 1 && !add) {  // channels-last output, no residual: the common, vectorized case
+          if (ov.sC == 1 && !add && !relu) {  // channels-last output, plain conv: the common, vectorized case
             if (bg)
               for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + bg[j];
             else
               std::memcpy(dst, src, s.Cog * sizeof(T));
+          } else if (ov.sC == 1) {
+            for (int64_t j = 0; j < s.Cog; ++j) {
+              T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j] : T(0));
+              dst[j] = relu ? std::max(v, T(0)) : v;
+            }
           } else {
             for (int64_t j = 0; j < s.Cog; ++j) {
-              const T v = src[j] + (bg ? bg[j] : T(0));
-              dst[j * ov.sC] = add ? dst[j * ov.sC] + v : v;
+              T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j * ov.sC] : T(0));
+              dst[j * ov.sC] = relu ? std::max(v, T(0)) : v;
             }
           }
         }
@@ -236,7 +242,8 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
 // directly, vectorized over channels of the channels-last input.
 template <typename T>
 void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, const bool* zero_mask) {
+                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, bool relu,
+                       const bool* zero_mask) {
   const at::Tensor w = weight.contiguous();
   const T* wp = w.data_ptr<T>();
   // wt[t][co] = weight[co, 0, t]: contiguous over output channels for the inner loop.
@@ -265,8 +272,8 @@ void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight,
       }
       T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
       for (int64_t co = 0; co < s.Co; ++co) {
-        const T v = acc[co] + (bias ? bias[co] : T(0));
-        dst[co * ov.sC] = add ? dst[co * ov.sC] + v : v;
+        const T v = acc[co] + (bias ? bias[co] : T(0)) + (add ? dst[co * ov.sC] : T(0));
+        dst[co * ov.sC] = relu ? std::max(v, T(0)) : v;
       }
     }
   });
@@ -275,8 +282,11 @@ void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight,
 at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, int64_t block_size,
-                             const std::optional<at::Tensor>& residual, double dense_threshold) {
+                             const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold) {
   const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
+  TORCH_CHECK(activation == 0 || activation == 1, "masked_conv2d: activation must be 0 (none) or 1 (relu), got ",
+              activation);
+  const bool relu = activation == 1;
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_residual(s, input, *residual);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -298,7 +308,14 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
         });
       });
     }
-    if (has_res) out.add_(*residual);
+    if (has_res || relu) {
+      // act(conv + residual) at active pixels, residual (or 0) elsewhere: add, activate, then restore.
+      at::Tensor pm = pixel_mask(mask, s);
+      at::Tensor y = has_res ? out.add_(*residual) : out;
+      if (relu) y.relu_();
+      if (has_res && act.rows.size() != size_t(s.out_pixels())) y = at::where(pm, y, *residual);
+      return y.contiguous(input.suggest_memory_format());
+    }
     return out;
   }
 
@@ -317,9 +334,9 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const bool* zero_mask = has_res ? nullptr : mask_c.data_ptr<bool>();  // inactive pixels to zero
     if (s.Cg == 1)
-      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, zero_mask);
+      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, relu, zero_mask);
     else
-      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, zero_mask);
+      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, relu, zero_mask);
   });
   return out;
 }

@@ -35,6 +35,7 @@ from .. import _extension
 from ..reference import masked_conv2d_reference
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "dense", "reference")
+ACTIVATIONS = {None: 0, "relu": 1}  # the op's `activation` codes
 
 IntOr2 = Union[int, Tuple[int, int]]
 
@@ -198,6 +199,7 @@ def masked_conv2d(
     *,
     block_size: Optional[int] = None,
     residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Convolution computed only where ``mask`` is True (see the module docstring for the full contract).
@@ -211,6 +213,8 @@ def masked_conv2d(
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
         block_size: ``b`` of a block mask, when the mask's shape alone is ambiguous.
         residual: optional ``[N, C_out, Ho, Wo]`` tensor the result is added onto.
+        activation: None or ``"relu"``, applied at selected pixels to conv (+ residual), fused in the
+            kernel's epilogue; unselected pixels keep the residual (or 0) untouched.
         backend: ``"auto"``, ``"cpp"``, ``"dense"`` or ``"reference"``.
 
     Returns:
@@ -218,13 +222,16 @@ def masked_conv2d(
     """
     if backend not in BACKENDS:
         raise ValueError(f"masked_conv2d: backend must be one of {BACKENDS}, got {backend!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"masked_conv2d: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if isinstance(padding, str):
         raise ValueError("masked_conv2d: padding must be ints here; SparseConv2d accepts 'same'/'valid'")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     ho, wo = _validate(input, weight, bias, mask, stride, padding, dilation, groups, residual)
     if mask is None:
         out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return out if residual is None else out + residual
+        out = out if residual is None else out + residual
+        return torch.relu(out) if activation == "relu" else out
     if mask.dim() == 4:
         mask = mask[:, 0]
     block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)
@@ -241,11 +248,15 @@ def masked_conv2d(
         from ..reference import expand_block_mask
         from ..triton import ops as _triton_ops  # noqa: F401  (registers dynconv::masked_conv2d_triton)
         pixel_mask = expand_block_mask(mask, block, (ho, wo))[:, 0]
-        return torch.ops.dynconv.masked_conv2d_triton(input, weight, bias, pixel_mask, list(stride), list(padding),
-                                                      list(dilation), groups, residual)
+        out = torch.ops.dynconv.masked_conv2d_triton(input, weight, bias, pixel_mask, list(stride), list(padding),
+                                                     list(dilation), groups, residual)
+        if activation == "relu":  # not fused in the Triton kernel yet
+            out = torch.where(pixel_mask.unsqueeze(1), torch.relu(out), out)
+        return out
     use_reference = backend == "reference" or (not on_cpu and not _has_device_kernel(input.device.type))
     if use_reference:
-        return masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual)
+        return masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual,
+                                       activation)
     if input.dtype not in (torch.float32, torch.float64) and input.device.type == "cpu":
         raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
     _extension.require_extension()
@@ -254,7 +265,8 @@ def masked_conv2d(
     else:
         threshold = {"cpp": _NEVER, "dense": 0.0}[backend]
     return torch.ops.dynconv.masked_conv2d(
-        input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual, threshold
+        input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
+        ACTIVATIONS[activation], threshold
     )
 
 
@@ -275,7 +287,7 @@ if _extension.load_error() is None:
 
     @torch.library.register_fake("dynconv::masked_conv2d")
     def _masked_conv2d_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                            dense_threshold):
+                            activation, dense_threshold):
         ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding,
                               dilation)
         return input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(
@@ -292,16 +304,22 @@ if _extension.load_error() is None:
         return gi, gw, gb
 
     def _setup_context(ctx, inputs, output):
-        input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual, threshold = inputs
-        ctx.save_for_backward(input, weight, mask)
+        (input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual, activation,
+         threshold) = inputs
+        # With a fused ReLU the backward needs to know where it clipped: keep the output.
+        ctx.save_for_backward(input, weight, mask, output if activation else None)
         ctx.conv_args = (stride, padding, dilation, groups, block_size)
         ctx.threshold = threshold
         ctx.has_bias = bias is not None
 
     def _backward(ctx, grad_output):
-        input, weight, mask = ctx.saved_tensors
+        input, weight, mask, output = ctx.saved_tensors
         stride, padding, dilation, groups, block_size = ctx.conv_args
         need = ctx.needs_input_grad
+        if output is not None:
+            from ..reference import expand_block_mask
+            active = expand_block_mask(mask, block_size, output.shape[-2:])
+            grad_output = torch.where(active & (output <= 0), torch.zeros_like(grad_output), grad_output)
         output_mask = [need[0], need[1], need[2] and ctx.has_bias]
         gi = gw = gb = None
         if any(output_mask):
@@ -309,6 +327,6 @@ if _extension.load_error() is None:
                 grad_output, input, weight, mask, stride, padding, dilation, groups, block_size, output_mask,
                 ctx.threshold)
         return (gi if output_mask[0] else None, gw if output_mask[1] else None, gb if output_mask[2] else None,
-                None, None, None, None, None, None, grad_output if need[9] else None, None)
+                None, None, None, None, None, None, grad_output if need[9] else None, None, None)
 
     torch.library.register_autograd("dynconv::masked_conv2d", _backward, setup_context=_setup_context)
