@@ -1,0 +1,155 @@
+"""DynConv gated blocks and models: inference equals dense-then-mask, gates train, MACs are counted."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dynconv_ext import models
+from dynconv_ext.nn import DynBasicBlock, MaskUnit, SparsityCriterion, dilate_pixel_mask, fold_bn
+from dynconv_ext.reference import expand_block_mask
+
+
+def _randomize_bn(module):
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+
+
+def _dense_block(b, x):
+    identity = x if b.downsample is None else b.downsample(x)
+    return identity, F.relu(b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x))))) + identity)
+
+
+@pytest.mark.parametrize("stride,block_size,channels_last", [(1, 1, False), (1, 4, True), (2, 1, True), (2, 2, False)])
+def test_block_inference_equals_dense_then_mask(stride, block_size, channels_last):
+    down = None if stride == 1 else nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    b = DynBasicBlock(8, 8 if stride == 1 else 16, stride, down, block_size)
+    _randomize_bn(b)
+    b.eval()
+    x = F.relu(torch.randn(3, 8, 16, 16))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ho = 16 // stride
+    mask = torch.rand(3, -(-ho // block_size), -(-ho // block_size)) < 0.4
+    with torch.no_grad():
+        y = b(x, mask)
+        identity, dense = _dense_block(b, x)
+    pm = expand_block_mask(mask, block_size, (ho, ho))
+    torch.testing.assert_close(y, torch.where(pm, dense, identity), rtol=1e-4, atol=1e-4)
+
+
+def test_gate_decides_in_eval():
+    b = DynBasicBlock(8, 8).eval()
+    x = F.relu(torch.randn(2, 8, 8, 8))
+    b.gate.conv.bias.data.fill_(-5.0)  # gate says: nothing
+    with torch.no_grad():
+        assert torch.equal(b(x), x)  # identity everywhere, no conv computed
+    assert float(b.last_stats["density"].sum()) == 0.0
+
+
+def test_full_mask_equals_dense_resnet():
+    net = models.dynconv_resnet32(num_classes=10)
+    _randomize_bn(net)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = models.set_block_masks(net, x, density=1.0)
+    assert all(m.all() for m in masks)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, masks), net.forward_dense(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net(x), net.forward_dense(x), rtol=1e-4, atol=1e-4)  # fresh gates: all on
+
+
+def test_partial_masks_equal_masked_dense_network():
+    net = models.dynconv_resnet32(num_classes=10, block_size=2)
+    _randomize_bn(net)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    masks = models.set_block_masks(net, x, density=0.3, coherent=True)
+    with torch.no_grad():
+        y = net(x, masks)
+        h = net.relu(net.bn1(net.conv1(x)))
+        for blk, m in zip(net.blocks, masks):
+            identity, dense = _dense_block(blk, h)
+            h = torch.where(expand_block_mask(m, 2, dense.shape[-2:]), dense, identity)
+        ref = net.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+    torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_executed_macs():
+    net = models.dynconv_resnet32().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        net(x, models.set_block_masks(net, x, 1.0))
+    full = models.executed_macs(net)
+    assert full["dense"] == pytest.approx(69.12e6, rel=0.01)  # ResNet-32 on CIFAR
+    with torch.no_grad():
+        net(x, models.set_block_masks(net, x, 0.25))
+    quarter = models.executed_macs(net)
+    assert (quarter["executed"] < 0.6 * full["dense"]).all()
+    dens = torch.stack([s["density"] for s in quarter["per_block"]])
+    assert torch.allclose(dens.mean(), torch.tensor(0.25), atol=0.05)
+
+
+def test_gradients_reach_gates():
+    net = models.dynconv_resnet32().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss = F.cross_entropy(net(x), y)
+    loss = loss + SparsityCriterion(0.5)(models.executed_macs(net)["per_block"], progress=0.5)
+    loss.backward()
+    for b in net.blocks:
+        assert b.gate.conv.weight.grad is not None and b.gate.conv.weight.grad.abs().sum() > 0
+
+
+def test_training_lowers_loss_and_moves_density_to_budget():
+    torch.manual_seed(0)
+    net = models.dynconv_resnet32().train()
+    for b in net.blocks:  # start from DynConv's "mostly executed" init, but not saturated
+        b.gate.conv.bias.data.fill_(1.0)
+    crit = SparsityCriterion(budget=0.3, anneal_fraction=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    first_task = first_density = None
+    for step in range(25):
+        logits = net(x)
+        stats = models.executed_macs(net)["per_block"]
+        task = F.cross_entropy(logits, y)
+        density = torch.stack([s["density"] for s in stats]).mean().item()
+        if step == 0:
+            first_task, first_density = task.item(), density
+        loss = task + crit(stats, progress=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert task.item() < first_task
+    assert abs(density - 0.3) < abs(first_density - 0.3) - 0.1
+
+
+def test_fold_bn_and_dilation_helpers():
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4)
+    _randomize_bn(bn)
+    bn.eval()
+    x = torch.randn(1, 3, 6, 6)
+    w, b = fold_bn(conv, bn)
+    torch.testing.assert_close(F.conv2d(x, w, b, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    m = torch.zeros(1, 5, 5, dtype=torch.bool)
+    m[0, 2, 2] = True
+    assert dilate_pixel_mask(m, 3).sum() == 9 and dilate_pixel_mask(m, 1).sum() == 1
+
+
+def test_mask_unit_shapes_and_modes():
+    g = MaskUnit(8, stride=2, block_size=4)
+    x = torch.randn(2, 8, 32, 32)
+    g.train()
+    m, soft = g(x, (16, 16))
+    assert m.shape == (2, 4, 4) and set(m.unique().tolist()) <= {0.0, 1.0} and m.requires_grad
+    g.eval()
+    m, _ = g(x, (16, 16))
+    assert m.dtype == torch.bool and m.shape == (2, 4, 4)
+
+
+def test_bad_depth():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        models.DynResNetCifar(depth=33)
