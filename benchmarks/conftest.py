@@ -5,12 +5,19 @@ import pytest
 import torch
 
 _TABLES = {}
+_COLUMNS = {}  # table name -> columns for format_markdown (default: the layer table's)
 
 
 @pytest.fixture(scope="session")
 def bench_rows():
     """Tests append their result rows to bench_rows[table_name]."""
     return _TABLES
+
+
+@pytest.fixture(scope="session")
+def bench_columns():
+    """Tests may set bench_columns[table_name] = [(key, header, fmt), ...]."""
+    return _COLUMNS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,17 +29,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _TABLES:
         return
     from dynconv_ext.profile import machine_description
-    from dynconv_ext.profile.masked_conv_table import format_markdown, plot, write_csv
+    from dynconv_ext.profile.masked_conv_table import COLUMNS, format_markdown, plot, write_csv
     machine = machine_description()
     out = config.getoption("--bench-out")
     for name, rows in _TABLES.items():
         terminalreporter.write_sep("=", f"{name}: MAC-vs-latency ({machine})")
-        terminalreporter.write_line(format_markdown(rows))
+        cols = _COLUMNS.get(name)
+        terminalreporter.write_line(format_markdown(rows, cols))
         if out:
             os.makedirs(out, exist_ok=True)
             write_csv(rows, os.path.join(out, f"{name}.csv"))
             with open(os.path.join(out, f"{name}.md"), "w") as f:
                 f.write(f"# {name}\n\nMachine: {machine}\n\nCommand: `pytest --benchmark --bench-out {out}`\n\n"
-                        f"{format_markdown(rows)}\n")
-            plot(rows, os.path.join(out, f"{name}.png"), title=machine)
+                        f"{format_markdown(rows, cols)}\n")
+            if cols is None or cols == COLUMNS:
+                plot(rows, os.path.join(out, f"{name}.png"), title=machine)
             terminalreporter.write_line(f"wrote {out}/{name}.{{md,csv,png}}")

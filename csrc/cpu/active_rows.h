@@ -29,9 +29,8 @@ inline void expand_mask_row(const ConvShape& s, const bool* mask_row, uint8_t* a
 
 // Raster order keeps neighbouring rows of a tile close in the input, so their halos share cache lines.
 // Branch-free compaction: random masks would mispredict a branch on every other pixel.
-inline ActiveRows build_active_rows(const ConvShape& s, const at::Tensor& mask, bool with_inverse) {
-  const at::Tensor m = mask.contiguous();
-  const bool* mp = m.data_ptr<bool>();
+// Number of active output pixels (cheap: one pass over the mask cells, not the pixels).
+inline int64_t count_active(const ConvShape& s, const bool* mp) {
   int64_t count = 0;
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t i = 0; i < s.Hm; ++i) {
@@ -40,6 +39,13 @@ inline ActiveRows build_active_rows(const ConvShape& s, const at::Tensor& mask, 
       for (int64_t j = 0; j < s.Wm; ++j) on += mrow[j] ? std::min(s.block, s.Wo - j * s.block) : 0;
       count += on * std::min(s.block, s.Ho - i * s.block);
     }
+  return count;
+}
+
+inline ActiveRows build_active_rows(const ConvShape& s, const at::Tensor& mask, bool with_inverse) {
+  const at::Tensor m = mask.contiguous();
+  const bool* mp = m.data_ptr<bool>();
+  const int64_t count = count_active(s, mp);
   ActiveRows a;
   a.rows.resize(static_cast<size_t>(count) + 1);  // +1: the branch-free loop writes one past the last row
   if (with_inverse) a.row_of_pixel.assign(static_cast<size_t>(s.out_pixels()), -1);

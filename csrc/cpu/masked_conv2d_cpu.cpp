@@ -293,12 +293,14 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
               "masked_conv2d (CPU): dtype must be float32 or float64, got ", input.scalar_type());
   const auto fmt = input.suggest_memory_format();
 
-  const ActiveRows act = build_active_rows(s, mask, /*with_inverse=*/false);
-  const double density = s.out_pixels() ? double(act.rows.size()) / double(s.out_pixels()) : 0.0;
-  if (!act.rows.empty() && density >= dense_threshold) {
+  // Decide dense vs sparse from the count alone; the row list is built only for the sparse path.
+  const at::Tensor mask_cells = mask.contiguous();
+  const int64_t n_active = count_active(s, mask_cells.data_ptr<bool>());
+  const double density = s.out_pixels() ? double(n_active) / double(s.out_pixels()) : 0.0;
+  if (n_active > 0 && density >= dense_threshold) {
     // Dense fallback: oneDNN's conv, inactive pixels zeroed in place (one pass, no expanded mask).
     at::Tensor out = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
-    if (act.rows.size() != size_t(s.out_pixels())) {
+    if (n_active != s.out_pixels()) {
       const at::Tensor mask_c = mask.contiguous();
       AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_conv2d_dense_fallback", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
@@ -313,12 +315,13 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
       at::Tensor pm = pixel_mask(mask, s);
       at::Tensor y = has_res ? out.add_(*residual) : out;
       if (relu) y.relu_();
-      if (has_res && act.rows.size() != size_t(s.out_pixels())) y = at::where(pm, y, *residual);
+      if (has_res && n_active != s.out_pixels()) y = at::where(pm, y, *residual);
       return y.contiguous(input.suggest_memory_format());
     }
     return out;
   }
 
+  const ActiveRows act = build_active_rows(s, mask_cells, /*with_inverse=*/false);
   at::Tensor out = at::empty({s.N, s.Co, s.Ho, s.Wo}, input.options().memory_format(fmt));
   if (has_res) out.copy_(*residual);
   if (act.rows.empty()) {

@@ -51,13 +51,24 @@ class DynResNetCifar(nn.Module):
         return self.fc(x)
 
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The same network computed densely, gates ignored (every block fully executed): the baseline."""
+    def forward_dense(self, x: torch.Tensor, fold_bn: bool = False) -> torch.Tensor:
+        """The same network computed densely, gates ignored (every block fully executed): the baseline.
+
+        fold_bn=True folds eval-mode BN into the block convs (as the gated path does), the fairest dense baseline.
+        """
+        from ..nn.blocks import fold_bn as _fold
+        import torch.nn.functional as F
         x = self.relu(self.bn1(self.conv1(x)))
         for b in self.blocks:
             identity = x if b.downsample is None else b.downsample(x)
-            out = self.relu(b.bn1(b.conv1(x)))
-            x = self.relu(b.bn2(b.conv2(out)) + identity)
+            if fold_bn:
+                w1, b1 = _fold(b.conv1, b.bn1)
+                w2, b2 = _fold(b.conv2, b.bn2)
+                out = F.conv2d(x, w1, b1, b.conv1.stride, 1).relu_()
+                x = F.conv2d(out, w2, b2, 1, 1).add_(identity).relu_()
+            else:
+                out = self.relu(b.bn1(b.conv1(x)))
+                x = self.relu(b.bn2(b.conv2(out)) + identity)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
 

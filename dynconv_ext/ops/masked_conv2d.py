@@ -229,9 +229,11 @@ def masked_conv2d(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     ho, wo = _validate(input, weight, bias, mask, stride, padding, dilation, groups, residual)
     if mask is None:
+        # The conv output is fresh and ours: add and activate in place (no extra 4-MB allocations).
         out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        out = out if residual is None else out + residual
-        return torch.relu(out) if activation == "relu" else out
+        if residual is not None:
+            out.add_(residual)
+        return out.relu_() if activation == "relu" else out
     if mask.dim() == 4:
         mask = mask[:, 0]
     block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)

@@ -115,12 +115,14 @@ COLUMNS = [
 ]
 
 
-def format_markdown(rows: List[dict]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+def format_markdown(rows: List[dict], columns=None) -> str:
+    """A markdown table of `rows`; `columns` is a list of (key, header, format), default COLUMNS."""
+    columns = columns or COLUMNS
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
     lines = [head, sep]
     for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in columns) + " |")
     return "\n".join(lines)
 
 

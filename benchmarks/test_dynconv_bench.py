@@ -1,0 +1,52 @@
+"""End-to-end latency of dynconv_resnet32 (CIFAR, 32x32) vs the same network run densely (`pytest --benchmark`).
+
+Masks of a given density are drawn per block (spatially coherent, like learned DynConv masks) and passed
+to the model, so the gates' choices do not matter here; executed MACs are counted by the model.
+"""
+import pytest
+import torch
+
+from dynconv_ext import models
+from dynconv_ext.profile import interleaved_medians
+
+pytestmark = pytest.mark.benchmark
+
+# Per-sample MACs; "dense eager" = the same network in PyTorch eager (BN separate), the faster of NCHW and
+# channels-last; "dense folded" = with BN folded into the convs, as the gated path does (the fairer baseline).
+COLUMNS = [
+    ("model", "model", "{}"), ("batch", "N", "{}"), ("mask", "mask", "{}"), ("density", "density", "{:.2f}"),
+    ("active", "active", "{:.3f}"), ("macs_executed_M", "MACs exec (M/img)", "{:.1f}"),
+    ("macs_dense_M", "MACs dense (M/img)", "{:.1f}"), ("ours_ms", "ours ms", "{:.1f}"),
+    ("dense_eager_ms", "dense eager ms", "{:.1f}"), ("dense_folded_ms", "dense BN-folded ms", "{:.1f}"),
+    ("speedup_eager", "vs eager", "{:.2f}x"), ("speedup_folded", "vs BN-folded", "{:.2f}x"),
+    ("ideal_speedup", "ideal (MACs)", "{:.2f}x"),
+]
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_dynconv_resnet32_forward(density, block_size, bench_rows, bench_columns, request):
+    torch.manual_seed(0)
+    reps = max(5, request.config.getoption("--bench-reps") // 2)
+    net = models.dynconv_resnet32(block_size=block_size).eval()
+    x = torch.randn(64, 3, 32, 32)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    masks = models.set_block_masks(net, x, density, coherent=True)
+    t = interleaved_medians({
+        "dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
+        "dense_folded": lambda: net.forward_dense(x_cl, fold_bn=True), "ours": lambda: net(x_cl, masks),
+    }, reps=reps)
+    with torch.no_grad():
+        net(x_cl, masks)
+    macs = models.executed_macs(net)
+    dense_ms = min(t["dense_nchw"], t["dense_cl"])
+    bench_columns["dynconv_resnet32_cpu"] = COLUMNS
+    bench_rows.setdefault("dynconv_resnet32_cpu", []).append({
+        "model": "dynconv_resnet32", "batch": 64, "mask": "pixel" if block_size == 1 else f"block{block_size}",
+        "density": density, "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
+        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
+        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": t["dense_folded"],
+        "speedup_eager": dense_ms / t["ours"], "speedup_folded": t["dense_folded"] / t["ours"],
+        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
+    })
+    assert t["ours"] > 0
