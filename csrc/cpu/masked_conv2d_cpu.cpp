@@ -149,23 +149,27 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
     tap_off[t] = (tap_dh[t] * s.W + tap_dw[t]) * s.C;
   }
   const int64_t span_h = (s.KH - 1) * s.DH, span_w = (s.KW - 1) * s.DW, hw = s.Ho * s.Wo;
-  // For macro block mb: the input offset read by tap t of each row (-1 = padding; pad rows repeat the
-  // last row) and each row's output pixel offset.
-  const auto macro_offsets = [&](int64_t mb, int64_t* offs, int64_t* out_offs) {
+  // What a padding tap reads: Cg zeros, shared read-only by all threads.
+  const std::vector<T> zeros(static_cast<size_t>(s.Cg), T(0));
+  const T* zp = zeros.data();
+  // For macro block mb: the input row pointer of tap t of each row (group 0; `zp` for a padding tap; pad
+  // rows repeat the last row) and each row's output pixel offset. Pointers, not offsets: with one group
+  // the microkernel takes them as they are.
+  const auto macro_ptrs = [&](int64_t mb, const T** ptr, int64_t* out_offs) {
     const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
     for (int64_t r = 0; r < macro_rows; ++r) {
       const int64_t p = rows[r0 + std::min(r, mt - 1)];
       const int64_t n = p / hw, rem = p - n * hw, ho = rem / s.Wo, wo = rem - ho * s.Wo;
       out_offs[r] = n * ov.sN + ho * ov.sH + wo * ov.sW;
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
-      const int64_t base = ((n * s.H + hi0) * s.W + wi0) * s.C;
-      int64_t* o = offs + (r / kMR) * taps * kMR + r % kMR;
+      const T* base = x + ((n * s.H + hi0) * s.W + wi0) * s.C;
+      const T** o = ptr + (r / kMR) * taps * kMR + r % kMR;
       if (hi0 >= 0 && hi0 + span_h < s.H && wi0 >= 0 && wi0 + span_w < s.W) {  // interior: no tap in padding
         for (int64_t t = 0; t < taps; ++t) o[t * kMR] = base + tap_off[t];
       } else {
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
-          o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : -1;
+          o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
         }
       }
     }
@@ -176,40 +180,43 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
       const auto [z0, z1] = zero_slice(s, mb_begin, mb_end, nmacro);
       zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
     }
-    const std::vector<T> zeros(static_cast<size_t>(s.Cg), T(0));  // what a padding tap reads
-    std::vector<int64_t> offs(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
+    std::vector<const T*> cur(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
     std::vector<int64_t> out_offs(static_cast<size_t>(macro_rows)), next_out(static_cast<size_t>(macro_rows));
-    std::vector<const T*> ptrs(static_cast<size_t>(per_macro));
+    std::vector<const T*> grouped(static_cast<size_t>(s.G > 1 ? per_macro : 0));
     std::vector<T> ctile(static_cast<size_t>(macro_rows * ldc));
-    macro_offsets(mb_begin, next.data(), next_out.data());
+    macro_ptrs(mb_begin, next.data(), next_out.data());
     for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
       const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
       const int64_t nblk = ceil_div(mt, kMR);
-      offs.swap(next);
+      cur.swap(next);
       out_offs.swap(next_out);
       // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
       // rows while this one computes. (Prefetching 2 or 3 macro blocks ahead measured no better.)
       if (mb + 1 < mb_end) {
-        macro_offsets(mb + 1, next.data(), next_out.data());
+        macro_ptrs(mb + 1, next.data(), next_out.data());
         // Only rows that start a run: in channels-last memory the next pixel's input follows the previous
         // one's, which the hardware prefetcher already streams.
         const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
         for (int64_t r = 0; r < nt; ++r) {
           if (r > 0 && rows[n0 + r] == rows[n0 + r - 1] + 1) continue;
-          const int64_t* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
+          const T* const* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
           for (int64_t t = 0; t < taps; ++t)
-            if (o[t * kMR] >= 0)
-              for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(x + o[t * kMR] + e, 0, 2);  // to L2, not L1
+            if (o[t * kMR] != zp)
+              for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(o[t * kMR] + e, 0, 2);  // to L2, not L1
         }
       }
       for (int64_t g = 0; g < s.G; ++g) {
-        for (int64_t q = 0; q < nblk * taps * kMR; ++q) ptrs[q] = offs[q] < 0 ? zeros.data() : x + offs[q] + g * s.Cg;
+        const T* const* ptrs = cur.data();
+        if (s.G > 1) {  // shift to group g's channels (never the zero row)
+          for (int64_t q = 0; q < nblk * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
+          ptrs = grouped.data();
+        }
         const T* wg = wpack + g * panels * K * kNR;
         for (int64_t t0 = 0; t0 < taps; t0 += tap_chunk) {
           const int64_t tc = std::min(tap_chunk, taps - t0);
           for (int64_t p = 0; p < panels; ++p)
             for (int64_t blk = 0; blk < nblk; ++blk)
-              conv_block_6x16<T>(tc, s.Cg, ptrs.data() + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
+              conv_block_6x16<T>(tc, s.Cg, ptrs + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
                                  ctile.data() + blk * kMR * ldc + p * kNR, ldc, t0 > 0);
         }
         const T* bg = bias ? bias + g * s.Cog : nullptr;

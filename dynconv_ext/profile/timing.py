@@ -1,7 +1,9 @@
-"""Interleaved timing: candidates run round-robin (rotating order) so a noisy machine's drifts hit all alike."""
+"""Interleaved timing: candidates run in a shuffled order every round, so a noisy machine's drifts and cache
+states hit all alike."""
 import contextlib
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Dict
@@ -21,13 +23,16 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, wa
             for fn in fns.values():
                 fn()
         times = {name: [] for name in fns}
+        rng = random.Random(0)
         start = time.perf_counter()
         i = 0
         while i < reps or (time.perf_counter() - start) < min_time_s * len(fns):
-            # Rotate the order every round: whichever candidate runs right after another pays for the
-            # caches that one evicted, so no candidate should always follow the same one.
+            # A fresh (seeded) order every round: whichever candidate runs right after another pays for
+            # the caches that one evicted, so no candidate may always follow the same one. (Rotating the
+            # start is not enough: it keeps the cyclic neighbours.)
             names = list(fns)
-            for name in names[i % len(names):] + names[:i % len(names)]:
+            rng.shuffle(names)
+            for name in names:
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
