@@ -153,3 +153,63 @@ def test_mask_unit_shapes_and_modes():
 def test_bad_depth():
     with pytest.raises(ValueError, match="6n\\+2"):
         models.DynResNetCifar(depth=33)
+
+
+# ---- bottleneck blocks and ImageNet-layout ResNets ----
+from dynconv_ext.nn.blocks import DynBottleneck, receptive_input_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("stride,hw", [(1, 9), (2, 9), (2, 8), (1, 6)])
+def test_receptive_input_mask_brute_force(stride, hw):
+    ho = (hw + 2 - 3) // stride + 1
+    m = torch.rand(2, ho, ho) < 0.3
+    got = receptive_input_mask(m, (hw, hw), 3, stride, 1)
+    want = torch.zeros(2, hw, hw, dtype=torch.bool)
+    for n, i, j in m.nonzero().tolist():
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                y, x = i * stride + di, j * stride + dj
+                if 0 <= y < hw and 0 <= x < hw:
+                    want[n, y, x] = True
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("stride,block_size", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_bottleneck_inference_equals_dense_then_mask(stride, block_size):
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride, bias=False), nn.BatchNorm2d(32))
+    b = DynBottleneck(16, 8, stride, down, block_size)
+    _randomize_bn(b)
+    b.eval()
+    x = F.relu(torch.randn(2, 16, 14, 14)).contiguous(memory_format=torch.channels_last)
+    ho = (14 - 1) // stride + 1
+    mask = torch.rand(2, -(-ho // block_size), -(-ho // block_size)) < 0.4
+    with torch.no_grad():
+        y = b(x, mask)
+        identity = b.downsample(x)
+        dense = F.relu(b.dense_branch(x) + identity)
+    pm = expand_block_mask(mask, block_size, (ho, ho))
+    torch.testing.assert_close(y, torch.where(pm, dense, identity), rtol=1e-4, atol=1e-4)
+    assert b.last_stats["executed_macs"].shape == (2,)
+
+
+def test_resnet50_layout_and_full_mask():
+    net = models.dynconv_resnet50(num_classes=10)
+    _randomize_bn(net)
+    net.eval()
+    n_params = sum(p.numel() for name, p in net.named_parameters() if ".gate." not in name)
+    assert n_params == 25557032 - 2048 * 990 - 990  # torchvision resnet50 with a 10-class head
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = net(x, models.block_masks(net, (16, 16), 1, 1.0))
+        torch.testing.assert_close(y, net.forward_dense(x), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(net.forward_dense(x, fold_bn_=True), net.forward_dense(x), rtol=1e-3, atol=1e-3)
+    assert models.executed_macs(net)["dense"] > 0
+
+
+def test_resnet50_trains_gates():
+    net = models.dynconv_resnet50(num_classes=5).train()
+    x = torch.randn(2, 3, 64, 64)
+    loss = F.cross_entropy(net(x), torch.tensor([1, 3]))
+    loss = loss + SparsityCriterion(0.5)(models.executed_macs(net)["per_block"], 0.5)
+    loss.backward()
+    assert all(b.gate.conv.weight.grad.abs().sum() > 0 for b in models.gated_blocks(net))

@@ -1,4 +1,7 @@
 """Dynamic models built on dynconv_ext.nn blocks."""
-from .resnet_cifar import DynResNetCifar, dynconv_resnet32, executed_macs, set_block_masks
+from .common import block_masks, executed_macs, gated_blocks
+from .resnet_cifar import DynResNetCifar, dynconv_resnet32, set_block_masks
+from .resnet_imagenet import DynResNet, dynconv_resnet50, dynconv_resnet101
 
-__all__ = ["DynResNetCifar", "dynconv_resnet32", "executed_macs", "set_block_masks"]
+__all__ = ["DynResNetCifar", "dynconv_resnet32", "DynResNet", "dynconv_resnet50", "dynconv_resnet101",
+           "executed_macs", "block_masks", "gated_blocks", "set_block_masks"]

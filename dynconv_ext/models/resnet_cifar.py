@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.blocks import DynBasicBlock
+from .common import block_masks, executed_macs  # noqa: F401  (re-exported)
 
 
 class DynResNetCifar(nn.Module):
@@ -78,41 +79,7 @@ def dynconv_resnet32(num_classes: int = 10, block_size: int = 1) -> DynResNetCif
     return DynResNetCifar(32, num_classes, block_size)
 
 
-def executed_macs(model: nn.Module) -> dict:
-    """Per-sample MACs of the last forward: {'executed': [N] tensor, 'dense': float, 'per_block': [...]}.
-
-    Counts convolutions (stem, blocks, downsample shortcuts, gates) and the classifier; each gated conv
-    counts at the pixels it computed (conv1 of a block at the dilated mask).
-    """
-    blocks = [m for m in model.modules() if isinstance(m, DynBasicBlock)]
-    fc = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    stem = getattr(model, "stem_macs", 0)
-    executed = stem + fc + sum(b.last_stats["executed_macs"] for b in blocks)
-    dense = stem + fc + sum(b.last_stats["dense_macs"] for b in blocks)
-    return {"executed": executed, "dense": dense, "per_block": [b.last_stats for b in blocks]}
-
-
 def set_block_masks(model: DynResNetCifar, x: torch.Tensor, density: float, block_size: int = 4,
                     coherent: bool = True, generator=None) -> List[torch.Tensor]:
-    """Random masks of a given density for every block of a model at input x (benchmarks, tests).
-
-    coherent=True draws spatially coherent masks (smoothed noise thresholded at the density's quantile),
-    like the masks DynConv learns; False draws independent cells.
-    """
-    masks = []
-    h, w = x.shape[-2:]
-    for block in model.blocks:
-        s = block.conv1.stride[0]
-        h, w = -(-h // s), -(-w // s)
-        b = block.block_size
-        hm, wm = -(-h // b), -(-w // b)
-        noise = torch.rand(x.shape[0], 1, hm, wm, generator=generator)
-        if coherent and min(hm, wm) >= 4:
-            noise = nn.functional.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
-            noise = nn.functional.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
-        flat = noise.flatten(1)
-        k = max(0, min(flat.shape[1], round(density * flat.shape[1])))
-        thresh = flat.sort(1, descending=True).values[:, max(k - 1, 0)].reshape(-1, 1, 1, 1)
-        m = (noise >= thresh)[:, 0] if k > 0 else torch.zeros(x.shape[0], hm, wm, dtype=torch.bool)
-        masks.append(m)
-    return masks
+    """Random masks of a given density for every block of a CIFAR model at input x (benchmarks, tests)."""
+    return block_masks(model, x.shape[-2:], x.shape[0], density, coherent, generator)

@@ -61,7 +61,7 @@ class DynBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.gate = MaskUnit(inplanes, stride, block_size)
-        self.block_size = block_size
+        self.block_size, self.stride = block_size, stride
         self.last_stats = {}
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,3 +110,90 @@ class DynBasicBlock(nn.Module):
             "density": active,
             "soft_density": soft.mean((1, 2)) if soft is not None else None,
         }
+
+
+def receptive_input_mask(mask: torch.Tensor, in_hw, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """Input pixels [N, H, W] read by a kernel x kernel conv (stride, padding) computed at output pixels `mask`."""
+    if stride == 1 and 2 * padding == kernel - 1 and tuple(mask.shape[-2:]) == tuple(in_hw):
+        return dilate_pixel_mask(mask, kernel)
+    ho, wo = mask.shape[-2:]
+    op_h = in_hw[0] - ((ho - 1) * stride - 2 * padding + kernel)
+    op_w = in_hw[1] - ((wo - 1) * stride - 2 * padding + kernel)
+    ones = torch.ones(1, 1, kernel, kernel, dtype=torch.float32, device=mask.device)
+    hit = F.conv_transpose2d(mask[:, None].float(), ones, stride=stride, padding=padding,
+                             output_padding=(op_h, op_w))
+    return hit[:, 0] > 0
+
+
+class DynBottleneck(nn.Module):
+    """ResNet bottleneck (1x1, 3x3 with the stride, 1x1 x4; torchvision v1.5 layout) gated by a MaskUnit.
+
+    Eval: conv1 (1x1) runs on the input pixels conv2 reads for the gate's mask, conv2 and conv3 on the mask
+    (conv3 with the identity as residual); BN folded, ReLU fused; inactive pixels output the identity.
+    Training: dense, the branch multiplied by the (straight-through) mask.
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 block_size: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+        self.gate = MaskUnit(inplanes, stride, block_size)
+        self.block_size, self.stride = block_size, stride
+        self.last_stats = {}
+
+    def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: optional bool [N, Hm, Wm] overriding the gate (benchmarks, tests)."""
+        n, _, h, w = x.shape
+        s = self.stride
+        ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
+        identity = x if self.downsample is None else self.downsample(x)
+        soft = None
+        if mask is None:
+            mask, soft = self.gate(x, (ho, wo))
+        if self.training:
+            pix = expand_block_mask(mask, self.block_size, (ho, wo)).to(x.dtype)
+            out = F.relu(identity + self.dense_branch(x) * pix)
+            active = pix.mean((1, 2, 3))
+            needed = receptive_input_mask(pix[:, 0] > 0, (h, w), 3, s, 1).float().mean((1, 2))
+        else:
+            mask = mask.bool()
+            pix = expand_block_mask(mask, self.block_size, (ho, wo))[:, 0]
+            full = bool(pix.all())
+            need = None if full else receptive_input_mask(pix, (h, w), 3, s, 1)
+            w1, b1 = fold_bn(self.conv1, self.bn1)
+            w2, b2 = fold_bn(self.conv2, self.bn2)
+            w3, b3 = fold_bn(self.conv3, self.bn3)
+            t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu")
+            t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu")
+            out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
+                                residual=identity, activation="relu")
+            active = pix.sum((1, 2)) / float(ho * wo)
+            needed = (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
+        c1 = self.conv1.in_channels * self.conv1.out_channels
+        c2 = self.conv2.in_channels * self.conv2.out_channels * 9
+        c3 = self.conv3.in_channels * self.conv3.out_channels
+        ds = 0
+        if self.downsample is not None:
+            ds = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                     for m in self.downsample.modules() if isinstance(m, nn.Conv2d)) * ho * wo
+        cond_dense = float(c1 * h * w + (c2 + c3) * ho * wo)
+        cond = needed * c1 * h * w + active * (c2 + c3) * ho * wo
+        self.last_stats = {
+            "dense_macs": cond_dense + ds, "executed_macs": cond + ds + self.gate.macs((h, w), (ho, wo)),
+            "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
+            "soft_density": soft.mean((1, 2)) if soft is not None else None,
+        }
+        return out

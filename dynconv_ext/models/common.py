@@ -1,0 +1,52 @@
+"""Helpers shared by the dynamic models: executed-MAC accounting and benchmark masks."""
+from typing import List
+
+import torch
+import torch.nn as nn
+
+
+def gated_blocks(model: nn.Module) -> List[nn.Module]:
+    """The gated blocks of a model (modules with a `gate` and per-forward `last_stats`), in order."""
+    return [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "last_stats")]
+
+
+def executed_macs(model: nn.Module) -> dict:
+    """Per-sample MACs of the last forward: {'executed': [N] tensor, 'dense': float, 'per_block': [...]}.
+
+    Counts the stem (`model.stem_macs`), every gated block (its convs at the pixels they computed, the
+    dense shortcut, the gate) and the linear classifier.
+    """
+    blocks = gated_blocks(model)
+    fc = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    stem = getattr(model, "stem_macs", 0)
+    executed = stem + fc + sum(b.last_stats["executed_macs"] for b in blocks)
+    dense = stem + fc + sum(b.last_stats["dense_macs"] for b in blocks)
+    return {"executed": executed, "dense": dense, "per_block": [b.last_stats for b in blocks]}
+
+
+def block_masks(model: nn.Module, in_hw, batch: int, density: float, coherent: bool = True,
+                generator=None) -> List[torch.Tensor]:
+    """Random masks of a given density for every gated block, for an input whose first block sees `in_hw`.
+
+    coherent=True draws spatially coherent masks (smoothed noise thresholded at the density's quantile),
+    like the masks DynConv learns; False draws independent cells.
+    """
+    masks = []
+    h, w = in_hw
+    for block in gated_blocks(model):
+        s = block.stride
+        h, w = (h - 1) // s + 1, (w - 1) // s + 1
+        b = block.block_size
+        hm, wm = -(-h // b), -(-w // b)
+        noise = torch.rand(batch, 1, hm, wm, generator=generator)
+        if coherent and min(hm, wm) >= 4:
+            noise = nn.functional.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
+            noise = nn.functional.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
+        flat = noise.flatten(1)
+        k = max(0, min(flat.shape[1], round(density * flat.shape[1])))
+        if k == 0:
+            masks.append(torch.zeros(batch, hm, wm, dtype=torch.bool))
+            continue
+        thresh = flat.sort(1, descending=True).values[:, k - 1].reshape(-1, 1, 1, 1)
+        masks.append((noise >= thresh)[:, 0])
+    return masks
