@@ -213,3 +213,30 @@ def test_resnet50_trains_gates():
     loss = loss + SparsityCriterion(0.5)(models.executed_macs(net)["per_block"], 0.5)
     loss.backward()
     assert all(b.gate.conv.weight.grad.abs().sum() > 0 for b in models.gated_blocks(net))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_dynamic_from_torchvision_keeps_weights(arch):
+    tv = pytest.importorskip("torchvision")
+    from dynconv_ext import nn as dnn
+    ref = getattr(tv.models, arch)(num_classes=7)
+    _randomize_bn(ref)
+    ref.eval()
+    dyn = dnn.dynamic_from_torchvision(ref, block_size=2)
+    assert not dyn.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dyn(x), ref(x), rtol=1e-3, atol=1e-3)  # fresh gates are "all on"
+        torch.testing.assert_close(dyn.forward_dense(x), ref(x), rtol=1e-3, atol=1e-3)
+        masks = models.block_masks(dyn, (16, 16), 1, 0.3)
+        y = dyn(x, masks)
+    assert y.shape == (1, 7) and (models.executed_macs(dyn)["executed"] < models.executed_macs(dyn)["dense"]).all()
+
+
+def test_dynamic_from_torchvision_rejects_other_models():
+    tv = pytest.importorskip("torchvision")
+    from dynconv_ext import nn as dnn
+    with pytest.raises(ValueError, match="expected a torchvision ResNet"):
+        dnn.dynamic_from_torchvision(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="ResNeXt"):
+        dnn.dynamic_from_torchvision(tv.models.resnext50_32x4d())

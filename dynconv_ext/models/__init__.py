@@ -1,7 +1,9 @@
 """Dynamic models built on dynconv_ext.nn blocks."""
 from .common import block_masks, executed_macs, gated_blocks
 from .resnet_cifar import DynResNetCifar, dynconv_resnet32, set_block_masks
-from .resnet_imagenet import DynResNet, dynconv_resnet50, dynconv_resnet101
+from .resnet_imagenet import (DynResNet, dynamic_from_torchvision, dynconv_resnet18, dynconv_resnet34,
+                              dynconv_resnet50, dynconv_resnet101)
 
-__all__ = ["DynResNetCifar", "dynconv_resnet32", "DynResNet", "dynconv_resnet50", "dynconv_resnet101",
-           "executed_macs", "block_masks", "gated_blocks", "set_block_masks"]
+__all__ = ["DynResNetCifar", "dynconv_resnet32", "DynResNet", "dynconv_resnet18", "dynconv_resnet34",
+           "dynconv_resnet50", "dynconv_resnet101", "dynamic_from_torchvision", "executed_macs", "block_masks",
+           "gated_blocks", "set_block_masks"]

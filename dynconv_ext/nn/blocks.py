@@ -64,6 +64,12 @@ class DynBasicBlock(nn.Module):
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
 
+    def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask: optional bool [N, Hm, Wm] overriding the gate (benchmarks, tests)."""
         n, _, h, w = x.shape
@@ -149,6 +155,9 @@ class DynBottleneck(nn.Module):
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
 
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
     def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
@@ -197,3 +206,18 @@ class DynBottleneck(nn.Module):
             "soft_density": soft.mean((1, 2)) if soft is not None else None,
         }
         return out
+
+
+def dense_block_forward(block: nn.Module, x: torch.Tensor, fold: bool = False) -> torch.Tensor:
+    """A gated block computed densely (gate ignored): relu(branch(x) + identity). fold=True folds eval BN."""
+    identity = x if block.downsample is None else block.downsample(x)
+    if not fold:
+        return F.relu(block.dense_branch(x) + identity)
+    pairs = block.conv_bn_pairs()
+    t = x
+    for i, (conv, bn) in enumerate(pairs):
+        w, b = fold_bn(conv, bn)
+        t = F.conv2d(t, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if i < len(pairs) - 1:
+            t = t.relu_()
+    return t.add_(identity).relu_()
