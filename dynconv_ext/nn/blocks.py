@@ -63,6 +63,7 @@ class DynBasicBlock(nn.Module):
         self.gate = MaskUnit(inplanes, stride, block_size)
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
+        self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
 
     def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -97,6 +98,7 @@ class DynBasicBlock(nn.Module):
             active = pix.sum((1, 2)) / float(ho * wo)
             dilated = dil.sum((1, 2)) / float(ho * wo)
         self.last_stats = self._stats((h, w), (ho, wo), active, dilated, soft)
+        self.last_mask = (pix > 0 if pix.dtype != torch.bool else pix).detach().reshape(n, ho, wo)
         return out
 
     def _stats(self, in_hw, out_hw, active, dilated, soft):
@@ -154,6 +156,7 @@ class DynBottleneck(nn.Module):
         self.gate = MaskUnit(inplanes, stride, block_size)
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
+        self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
 
     def conv_bn_pairs(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
@@ -205,6 +208,7 @@ class DynBottleneck(nn.Module):
             "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
             "soft_density": soft.mean((1, 2)) if soft is not None else None,
         }
+        self.last_mask = (pix > 0 if pix.dtype != torch.bool else pix).detach().reshape(n, ho, wo)
         return out
 
 
