@@ -61,7 +61,7 @@ def test_dynconv_resnet50_forward(density, block_size, bench_rows, bench_columns
     net = models.dynconv_resnet50(block_size=block_size).eval()
     x = torch.randn(8, 3, 224, 224)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    masks = models.block_masks(net, (56, 56), 8, density, coherent=True)
+    masks = models.block_masks(net, x, density, coherent=True)
     t = interleaved_medians({
         "dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
         "dense_folded": lambda: net.forward_dense(x_cl, fold_bn_=True), "ours": lambda: net(x_cl, masks),

@@ -33,7 +33,7 @@ std::string build_info() {
 TORCH_LIBRARY(dynconv, m) {
   // out[n, :, p] = act(conv(input, weight, bias)[n, :, p] (+ residual)) where the mask is True at p;
   // 0 (or the residual, untouched) elsewhere. mask: bool [N, ceil(Ho/b), ceil(Wo/b)] with b = block_size.
-  // activation: 0 = none, 1 = ReLU (applied at active pixels only). Active density >= dense_threshold
+  // activation: 0 = none, 1 = ReLU, 2 = ReLU6 (applied at active pixels only). Active density >= dense_threshold
   // computes densely and masks.
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "

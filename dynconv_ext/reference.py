@@ -38,4 +38,6 @@ def masked_conv2d_reference(
         out = out + residual
     if activation == "relu":
         out = torch.relu(out)
+    elif activation == "relu6":
+        out = out.clamp(0, 6)
     return torch.where(pixel_mask, out, base)

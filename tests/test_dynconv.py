@@ -200,7 +200,7 @@ def test_resnet50_layout_and_full_mask():
     assert n_params == 25557032 - 2048 * 990 - 990  # torchvision resnet50 with a 10-class head
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        y = net(x, models.block_masks(net, (16, 16), 1, 1.0))
+        y = net(x, models.block_masks(net, x, 1.0))
         torch.testing.assert_close(y, net.forward_dense(x), rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(net.forward_dense(x, fold_bn_=True), net.forward_dense(x), rtol=1e-3, atol=1e-3)
     assert models.executed_macs(net)["dense"] > 0
@@ -228,7 +228,7 @@ def test_dynamic_from_torchvision_keeps_weights(arch):
     with torch.no_grad():
         torch.testing.assert_close(dyn(x), ref(x), rtol=1e-3, atol=1e-3)  # fresh gates are "all on"
         torch.testing.assert_close(dyn.forward_dense(x), ref(x), rtol=1e-3, atol=1e-3)
-        masks = models.block_masks(dyn, (16, 16), 1, 0.3)
+        masks = models.block_masks(dyn, x, 0.3)
         y = dyn(x, masks)
     assert y.shape == (1, 7) and (models.executed_macs(dyn)["executed"] < models.executed_macs(dyn)["dense"]).all()
 
@@ -240,3 +240,33 @@ def test_dynamic_from_torchvision_rejects_other_models():
         dnn.dynamic_from_torchvision(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="ResNeXt"):
         dnn.dynamic_from_torchvision(tv.models.resnext50_32x4d())
+
+
+def test_mobilenetv2_matches_torchvision_and_masks():
+    tv = pytest.importorskip("torchvision")
+    ref = tv.models.mobilenet_v2(num_classes=9)
+    _randomize_bn(ref)
+    ref.eval()
+    net = models.dynconv_mobilenetv2(num_classes=9)
+    missing, unexpected = net.load_state_dict(ref.state_dict(), strict=False)
+    assert not unexpected and all(".gate." in k for k in missing)
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-4)  # fresh gates: all on
+        masks = models.block_masks(net, x, 0.3)
+        assert len(masks) == 10
+        y = net(x, masks)
+        # reference: dense blocks, masked where the gate is off
+        h = x
+        k = 0
+        for m in net.features:
+            if isinstance(m, models.mobilenetv2.DynInvertedResidual):
+                h = torch.where(expand_block_mask(masks[k], 1, h.shape[-2:]), h + m.conv(h), h)
+                k += 1
+            else:
+                h = m(h)
+        ref_y = net.classifier(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+    torch.testing.assert_close(y, ref_y, rtol=1e-3, atol=1e-3)
+    stats = models.executed_macs(net)
+    assert (stats["executed"] < stats["dense"]).all()

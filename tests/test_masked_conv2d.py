@@ -213,26 +213,29 @@ def test_dense_crossover_rule():
 @pytest.mark.parametrize("backend", ["cpp", "dense", "auto", "reference"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_relu(backend, with_residual, channels_last):
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_fused_activation(backend, with_residual, channels_last, activation):
     x = torch.randn(2, 6, 9, 9)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(7, 6, 3, 3), torch.randn(7)
     m = torch.rand(2, 9, 9) < 0.5
     r = torch.randn(2, 7, 9, 9) if with_residual else None  # negative residual values must survive at inactive pixels
-    y = masked_conv2d(x, w, b, m, 1, 1, residual=r, activation="relu", backend=backend)
+    y = masked_conv2d(x, w, b, m, 1, 1, residual=r, activation=activation, backend=backend)
     conv = F.conv2d(x, w, b, 1, 1) + (r if r is not None else 0)
-    expected = torch.where(m[:, None], conv.relu(), r if r is not None else torch.zeros(()))
+    act = conv.relu() if activation == "relu" else conv.clamp(0, 6)
+    expected = torch.where(m[:, None], act, r if r is not None else torch.zeros(()))
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_relu_gradients():
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_fused_activation_gradients(activation):
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
     m = torch.rand(2, 7, 7) < 0.5
-    fn = lambda x_, w_, b_, r_: masked_conv2d(x_, w_, b_, m, 1, 1, residual=r_, activation="relu",  # noqa: E731
+    fn = lambda x_, w_, b_, r_: masked_conv2d(x_, w_, b_, m, 1, 1, residual=r_, activation=activation,  # noqa: E731
                                                backend="cpp")
     assert torch.autograd.gradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-6)
 

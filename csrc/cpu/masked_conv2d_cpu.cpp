@@ -25,6 +25,14 @@ constexpr int64_t kTileRows = 96;  // rows per backward tile (multiple of kMR)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// The fused epilogue activation: 0 none, 1 ReLU, 2 ReLU6.
+template <typename T>
+inline T apply_act(T v, int act) {
+  if (act == 0) return v;
+  v = std::max(v, T(0));
+  return act == 2 ? std::min(v, T(6)) : v;
+}
+
 struct PixelCoord {
   int64_t n, ho, wo;
 };
@@ -132,8 +140,9 @@ constexpr int64_t kTapBytes = 12288;
 
 template <typename T>
 void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, bool relu,
+                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
+  const bool relu = act != 0;
   const at::Tensor wpack_t = pack_weight_panels<T>(s, weight);
   const T* wpack = wpack_t.data_ptr<T>();
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps(), ldc = panels * kNR;
@@ -231,12 +240,12 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
           } else if (ov.sC == 1) {
             for (int64_t j = 0; j < s.Cog; ++j) {
               T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j] : T(0));
-              dst[j] = relu ? std::max(v, T(0)) : v;
+              dst[j] = apply_act(v, act);
             }
           } else {
             for (int64_t j = 0; j < s.Cog; ++j) {
               T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j * ov.sC] : T(0));
-              dst[j * ov.sC] = relu ? std::max(v, T(0)) : v;
+              dst[j * ov.sC] = apply_act(v, act);
             }
           }
         }
@@ -249,7 +258,7 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
 // directly, vectorized over channels of the channels-last input.
 template <typename T>
 void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, bool relu,
+                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, int act,
                        const bool* zero_mask) {
   const at::Tensor w = weight.contiguous();
   const T* wp = w.data_ptr<T>();
@@ -280,7 +289,7 @@ void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight,
       T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
       for (int64_t co = 0; co < s.Co; ++co) {
         const T v = acc[co] + (bias ? bias[co] : T(0)) + (add ? dst[co * ov.sC] : T(0));
-        dst[co * ov.sC] = relu ? std::max(v, T(0)) : v;
+        dst[co * ov.sC] = apply_act(v, act);
       }
     }
   });
@@ -291,9 +300,10 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
                              at::IntArrayRef dilation, int64_t groups, int64_t block_size,
                              const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold) {
   const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
-  TORCH_CHECK(activation == 0 || activation == 1, "masked_conv2d: activation must be 0 (none) or 1 (relu), got ",
-              activation);
-  const bool relu = activation == 1;
+  TORCH_CHECK(activation >= 0 && activation <= 2,
+              "masked_conv2d: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
+  const int act_code = static_cast<int>(activation);
+  const bool relu = act_code != 0;
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_residual(s, input, *residual);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -321,7 +331,8 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
       // act(conv + residual) at active pixels, residual (or 0) elsewhere: add, activate, then restore.
       at::Tensor pm = pixel_mask(mask, s);
       at::Tensor y = has_res ? out.add_(*residual) : out;
-      if (relu) y.relu_();
+      if (act_code == 1) y.relu_();
+      if (act_code == 2) y.clamp_(0, 6);
       if (has_res && n_active != s.out_pixels()) y = at::where(pm, y, *residual);
       return y.contiguous(input.suggest_memory_format());
     }
@@ -344,9 +355,9 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const bool* zero_mask = has_res ? nullptr : mask_c.data_ptr<bool>();  // inactive pixels to zero
     if (s.Cg == 1)
-      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, relu, zero_mask);
+      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
     else
-      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, relu, zero_mask);
+      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
   });
   return out;
 }

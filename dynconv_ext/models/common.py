@@ -24,16 +24,31 @@ def executed_macs(model: nn.Module) -> dict:
     return {"executed": executed, "dense": dense, "per_block": [b.last_stats for b in blocks]}
 
 
-def block_masks(model: nn.Module, in_hw, batch: int, density: float, coherent: bool = True,
+def block_masks(model: nn.Module, x: torch.Tensor, density: float, coherent: bool = True,
                 generator=None) -> List[torch.Tensor]:
-    """Random masks of a given density for every gated block, for an input whose first block sees `in_hw`.
+    """Random masks of a given density for every gated block of `model` at input `x` (benchmarks, tests).
 
-    coherent=True draws spatially coherent masks (smoothed noise thresholded at the density's quantile),
-    like the masks DynConv learns; False draws independent cells.
+    The blocks' resolutions come from one probe forward of a single sample. coherent=True draws spatially
+    coherent masks (smoothed noise thresholded at the density's quantile), like the masks DynConv learns;
+    False draws independent cells.
     """
+    blocks = gated_blocks(model)
+    sizes = {}
+    hooks = [b.register_forward_pre_hook(lambda m, args, i=i: sizes.__setitem__(i, tuple(args[0].shape[-2:])))
+             for i, b in enumerate(blocks)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
     masks = []
-    h, w = in_hw
-    for block in gated_blocks(model):
+    batch = x.shape[0]
+    for i, block in enumerate(blocks):
+        h, w = sizes[i]
         s = block.stride
         h, w = (h - 1) // s + 1, (w - 1) // s + 1
         b = block.block_size

@@ -82,4 +82,4 @@ def dynconv_resnet32(num_classes: int = 10, block_size: int = 1) -> DynResNetCif
 def set_block_masks(model: DynResNetCifar, x: torch.Tensor, density: float, block_size: int = 4,
                     coherent: bool = True, generator=None) -> List[torch.Tensor]:
     """Random masks of a given density for every block of a CIFAR model at input x (benchmarks, tests)."""
-    return block_masks(model, x.shape[-2:], x.shape[0], density, coherent, generator)
+    return block_masks(model, x, density, coherent, generator)

@@ -225,3 +225,73 @@ def dense_block_forward(block: nn.Module, x: torch.Tensor, fold: bool = False) -
         if i < len(pairs) - 1:
             t = t.relu_()
     return t.add_(identity).relu_()
+
+
+def conv_bn_act(inp: int, oup: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """Conv-BN-ReLU6 in torchvision's MobileNetV2 layout (names .0, .1, .2)."""
+    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(oup), nn.ReLU6(inplace=True))
+
+
+class DynInvertedResidual(nn.Module):
+    """MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1) gated by a MaskUnit.
+
+    Only blocks with a residual (stride 1, same channels) are gated: inactive pixels output the identity.
+    Eval: expand runs on the mask dilated by one pixel (the depthwise conv's halo), depthwise and project on
+    the mask (project with the identity as residual); BN folded, ReLU6 fused. Parameter names follow
+    torchvision's InvertedResidual (`conv.0.0`, ...).
+    """
+
+    def __init__(self, inp: int, oup: int, expand_ratio: int, block_size: int = 1):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        if inp != oup:
+            raise ValueError("DynInvertedResidual: gated blocks need a residual (stride 1, inp == oup)")
+        layers = [conv_bn_act(inp, hidden, 1)] if expand_ratio != 1 else []
+        layers += [conv_bn_act(hidden, hidden, 3, 1, groups=hidden), nn.Conv2d(hidden, oup, 1, bias=False),
+                   nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+        self.expand = expand_ratio != 1
+        self.gate = MaskUnit(inp, 1, block_size)
+        self.block_size, self.stride, self.downsample = block_size, 1, None
+        self.last_stats, self.last_mask = {}, None
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        soft = None
+        if mask is None:
+            mask, soft = self.gate(x, (h, w))
+        mods = list(self.conv)
+        exp, dw, proj, bnp = (mods[0], mods[1], mods[2], mods[3]) if self.expand else (None, mods[0], mods[1], mods[2])
+        if self.training:
+            pix = expand_block_mask(mask, self.block_size, (h, w)).to(x.dtype)
+            out = x + self.conv(x) * pix
+            active = pix.mean((1, 2, 3))
+            dilated = F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
+            pix_b = pix[:, 0] > 0
+        else:
+            mask = mask.bool()
+            pix_b = expand_block_mask(mask, self.block_size, (h, w))[:, 0]
+            full = bool(pix_b.all())
+            t = x
+            if exp is not None:
+                we, be = fold_bn(exp[0], exp[1])
+                need = None if full else dilate_pixel_mask(pix_b, 3)
+                t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6")
+            wd, bd = fold_bn(dw[0], dw[1])
+            t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
+                              activation="relu6")
+            wp, bp = fold_bn(proj, bnp)
+            out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x)
+            active = pix_b.sum((1, 2)) / float(h * w)
+            dilated = torch.ones(n) if (full or exp is None) else need.sum((1, 2)) / float(h * w)
+        hidden = dw[0].in_channels
+        ce = c * hidden if exp is not None else 0
+        cd, cp = hidden * 9, hidden * proj.out_channels
+        cond_dense = float((ce + cd + cp) * h * w)
+        cond = (dilated * ce + active * (cd + cp)) * h * w
+        self.last_stats = {"dense_macs": cond_dense, "executed_macs": cond + self.gate.macs((h, w), (h, w)),
+                           "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
+                           "soft_density": soft.mean((1, 2)) if soft is not None else None}
+        self.last_mask = pix_b.detach()
+        return out

@@ -35,7 +35,7 @@ from .. import _extension
 from ..reference import masked_conv2d_reference
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "dense", "reference")
-ACTIVATIONS = {None: 0, "relu": 1}  # the op's `activation` codes
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}  # the op's `activation` codes
 
 IntOr2 = Union[int, Tuple[int, int]]
 
@@ -213,7 +213,7 @@ def masked_conv2d(
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
         block_size: ``b`` of a block mask, when the mask's shape alone is ambiguous.
         residual: optional ``[N, C_out, Ho, Wo]`` tensor the result is added onto.
-        activation: None or ``"relu"``, applied at selected pixels to conv (+ residual), fused in the
+        activation: None, ``"relu"`` or ``"relu6"``, applied at selected pixels to conv (+ residual), fused in the
             kernel's epilogue; unselected pixels keep the residual (or 0) untouched.
         backend: ``"auto"``, ``"cpp"``, ``"dense"`` or ``"reference"``.
 
@@ -233,7 +233,11 @@ def masked_conv2d(
         out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
         if residual is not None:
             out.add_(residual)
-        return out.relu_() if activation == "relu" else out
+        if activation == "relu":
+            out.relu_()
+        elif activation == "relu6":
+            out.clamp_(0, 6)
+        return out
     if mask.dim() == 4:
         mask = mask[:, 0]
     block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)
@@ -252,8 +256,9 @@ def masked_conv2d(
         pixel_mask = expand_block_mask(mask, block, (ho, wo))[:, 0]
         out = torch.ops.dynconv.masked_conv2d_triton(input, weight, bias, pixel_mask, list(stride), list(padding),
                                                      list(dilation), groups, residual)
-        if activation == "relu":  # not fused in the Triton kernel yet
-            out = torch.where(pixel_mask.unsqueeze(1), torch.relu(out), out)
+        if activation is not None:  # not fused in the Triton kernel yet
+            act = torch.relu(out) if activation == "relu" else out.clamp(0, 6)
+            out = torch.where(pixel_mask.unsqueeze(1), act, out)
         return out
     use_reference = backend == "reference" or (not on_cpu and not _has_device_kernel(input.device.type))
     if use_reference:
@@ -310,6 +315,7 @@ if _extension.load_error() is None:
          threshold) = inputs
         # With a fused ReLU the backward needs to know where it clipped: keep the output.
         ctx.save_for_backward(input, weight, mask, output if activation else None)
+        ctx.activation = activation
         ctx.conv_args = (stride, padding, dilation, groups, block_size)
         ctx.threshold = threshold
         ctx.has_bias = bias is not None
@@ -321,7 +327,10 @@ if _extension.load_error() is None:
         if output is not None:
             from ..reference import expand_block_mask
             active = expand_block_mask(mask, block_size, output.shape[-2:])
-            grad_output = torch.where(active & (output <= 0), torch.zeros_like(grad_output), grad_output)
+            clipped = output <= 0
+            if ctx.activation == 2:  # ReLU6 is flat above 6 as well
+                clipped = clipped | (output >= 6)
+            grad_output = torch.where(active & clipped, torch.zeros_like(grad_output), grad_output)
         output_mask = [need[0], need[1], need[2] and ctx.has_bias]
         gi = gw = gb = None
         if any(output_mask):
