@@ -44,4 +44,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                         f"{format_markdown(rows, cols)}\n")
             if cols is None or cols == COLUMNS:
                 plot(rows, os.path.join(out, f"{name}.png"), title=machine)
-            terminalreporter.write_line(f"wrote {out}/{name}.{{md,csv,png}}")
+            terminalreporter.write_line(f"wrote {out}/{name}.{{md,csv}}")
+    models = {n: r for n, r in _TABLES.items() if n.startswith("dynconv_") and not n.endswith("trained_cpu")}
+    if out and models:
+        from dynconv_ext.profile.masked_conv_table import plot_models
+        if plot_models(models, os.path.join(out, "dynconv_models_cpu.png"), title=machine):
+            terminalreporter.write_line(f"wrote {out}/dynconv_models_cpu.png")

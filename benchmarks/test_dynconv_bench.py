@@ -80,3 +80,71 @@ def test_dynconv_resnet50_forward(density, block_size, bench_rows, bench_columns
         "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
     })
     assert t["ours"] > 0
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 1.0])
+def test_dynconv_mobilenetv2_forward(density, bench_rows, bench_columns, request):
+    torch.manual_seed(0)
+    reps = max(3, request.config.getoption("--bench-reps") // 3)
+    net = models.dynconv_mobilenetv2().eval()
+    x = torch.randn(8, 3, 224, 224)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    masks = models.block_masks(net, x, density, coherent=True)
+    t = interleaved_medians({"dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
+                             "ours": lambda: net(x_cl, masks)}, reps=reps)
+    with torch.no_grad():
+        net(x_cl, masks)
+    macs = models.executed_macs(net)
+    dense_ms = min(t["dense_nchw"], t["dense_cl"])
+    bench_columns["dynconv_mobilenetv2_cpu"] = COLUMNS
+    bench_rows.setdefault("dynconv_mobilenetv2_cpu", []).append({
+        "model": "dynconv_mobilenetv2", "batch": 8, "mask": "pixel", "density": density,
+        "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
+        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
+        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": float("nan"),
+        "speedup_eager": dense_ms / t["ours"], "speedup_folded": float("nan"),
+        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
+    })
+    assert t["ours"] > 0
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_dynconv_resnet32_trained_masks(budget, bench_rows, bench_columns, request):
+    """Masks chosen by gates trained on the built-in data (scikit-learn digits at 32x32), not drawn at random."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    import torch.nn.functional as F
+    from dynconv_ext.nn import SparsityCriterion
+    torch.manual_seed(0)
+    d = sklearn_datasets.load_digits()
+    x_all = F.interpolate(torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0, size=(32, 32),
+                          mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y_all = torch.tensor(d.target)
+    net = models.dynconv_resnet32().train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    crit = SparsityCriterion(budget)
+    steps = 150
+    for step in range(steps):
+        idx = torch.randint(0, len(y_all), (64,))
+        loss = F.cross_entropy(net(x_all[idx]), y_all[idx]) + crit(models.executed_macs(net)["per_block"], step / steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x_cl = x_all[:64].contiguous(memory_format=torch.channels_last)
+    reps = max(5, request.config.getoption("--bench-reps") // 2)
+    t = interleaved_medians({"dense_cl": lambda: net.forward_dense(x_cl),
+                             "dense_folded": lambda: net.forward_dense(x_cl, fold_bn=True),
+                             "ours": lambda: net(x_cl)}, reps=reps)
+    with torch.no_grad():
+        net(x_cl)
+    macs = models.executed_macs(net)
+    bench_columns["dynconv_resnet32_trained_cpu"] = COLUMNS
+    bench_rows.setdefault("dynconv_resnet32_trained_cpu", []).append({
+        "model": f"dynconv_resnet32 (trained, budget {budget})", "batch": 64, "mask": "learned", "density": budget,
+        "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
+        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
+        "ours_ms": t["ours"], "dense_eager_ms": t["dense_cl"], "dense_folded_ms": t["dense_folded"],
+        "speedup_eager": t["dense_cl"] / t["ours"], "speedup_folded": t["dense_folded"] / t["ours"],
+        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
+    })
+    assert t["ours"] > 0

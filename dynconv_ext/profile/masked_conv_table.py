@@ -174,3 +174,35 @@ def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_models(tables: dict, path: str, title: Optional[str] = None) -> bool:
+    """End-to-end speedup vs active density, one panel per model table ({name: rows}); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.4 * len(tables), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], tables.items()):
+        for mask in dict.fromkeys(r["mask"] for r in rows):
+            sel = sorted((r for r in rows if r["mask"] == mask), key=lambda r: r["active"])
+            xs = [r["active"] for r in sel]
+            ax.plot(xs, [r["speedup_eager"] for r in sel], marker="o", label=f"{mask} vs eager dense")
+            if all(r["speedup_folded"] == r["speedup_folded"] for r in sel):  # not NaN
+                ax.plot(xs, [r["speedup_folded"] for r in sel], marker="s", ls="--", label=f"{mask} vs BN-folded")
+            ax.plot(xs, [r["ideal_speedup"] for r in sel], "k:", lw=1)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(rows[0]["model"].split(" (")[0])
+        ax.set_xlabel("active density of the gated blocks")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("end-to-end speedup (dotted: MAC ratio)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
