@@ -177,6 +177,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.5, help="target fraction of conditional MACs")
     p.add_argument("--sparsity-weight", type=float, default=10.0)
     p.add_argument("--block-size", type=int, default=1, help="mask granularity (b x b output blocks)")
+    p.add_argument("--tau-start", type=float, default=1.0, help="Gumbel-sigmoid temperature at the start")
+    p.add_argument("--tau-end", type=float, default=0.5, help="... annealed exponentially to this at the end")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--steps", type=int, default=0, help="at most this many steps per epoch (0: all)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -257,12 +259,16 @@ def main(argv=None):
         for step, (x, y) in enumerate(it):
             if step >= steps_per_epoch:
                 break
+            frac = (epoch + step / steps_per_epoch) / args.epochs
+            tau = args.tau_start * (args.tau_end / args.tau_start) ** frac  # exponential temperature schedule
+            for b in models.gated_blocks(net):
+                b.gate.tau = tau
             x = augment(x.to(device)).contiguous(memory_format=torch.channels_last)
             y = y.to(device)
             logits = model(x)
             stats = models.executed_macs(net)["per_block"]
             task = F.cross_entropy(logits, y)
-            loss = task + crit(stats, progress=(epoch + step / steps_per_epoch) / args.epochs)
+            loss = task + crit(stats, progress=frac)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -270,7 +276,7 @@ def main(argv=None):
             density = float(torch.stack([s["density"].detach().mean() for s in stats]).mean())
             tot, task_tot, dens_tot = tot + loss.item(), task_tot + task.item(), dens_tot + density
             if show and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{loss.item():.3f}", density=f"{density:.2f}")
+                it.set_postfix(loss=f"{loss.item():.3f}", density=f"{density:.2f}", tau=f"{tau:.2f}")
         n = max(1, min(steps_per_epoch, step + 1))
         if rank == 0:
             ev = evaluate(net, val_loader, device, show)
