@@ -39,6 +39,12 @@ TORCH_LIBRARY(dynconv, m) {
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int block_size, Tensor? residual, int activation, float dense_threshold) "
       "-> Tensor");
+  // In-place variant for inference: writes act(residual + conv) into `residual` at active pixels only and
+  // returns it; inactive pixels are not touched at all. No autograd.
+  m.def(
+      "masked_conv2d_residual_(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int block_size, Tensor(a!) residual, int activation, "
+      "float dense_threshold) -> Tensor(a!)");
   // Gradients of masked_conv2d with respect to input, weight and bias (residual's gradient is
   // grad_output itself). Entries not asked for in output_mask are returned as empty tensors.
   m.def(

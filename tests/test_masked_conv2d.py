@@ -244,3 +244,42 @@ def test_bad_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         masked_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 5, 5, dtype=torch.bool),
                       1, 1, activation="gelu")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dense", "reference"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_residual(backend, channels_last):
+    x = torch.randn(2, 6, 9, 9)
+    w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
+    m = torch.rand(2, 9, 9) < 0.4
+    r = torch.randn(2, 6, 9, 9)
+    if channels_last:
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    expected = masked_conv2d(x, w, b, m, 1, 1, residual=r, activation="relu", backend=backend)
+    r2 = r.clone()
+    with torch.no_grad():
+        out = masked_conv2d(x, w, b, m, 1, 1, residual=r2, activation="relu", backend=backend, inplace=True)
+    assert out.data_ptr() == r2.data_ptr()
+    torch.testing.assert_close(r2, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_inplace_refuses_autograd_and_aliasing():
+    x, w = torch.randn(1, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 3, 3)
+    m = torch.ones(1, 6, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="inference"):
+        masked_conv2d(x, w, None, m, 1, 1, residual=torch.randn(1, 4, 6, 6), inplace=True)
+    y = torch.randn(1, 4, 6, 6)
+    with torch.no_grad(), pytest.raises(ValueError, match="storage it reads"):
+        masked_conv2d(y, w, None, m, 1, 1, residual=y, inplace=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs a residual"):
+        masked_conv2d(y, w, None, m, 1, 1, inplace=True)
+
+
+def test_inplace_op_opcheck():
+    x, w = torch.randn(2, 4, 7, 7), torch.randn(4, 4, 3, 3)
+    m = torch.rand(2, 7, 7) < 0.5
+    r = torch.randn(2, 4, 7, 7)
+    for threshold in (2.0, 0.0):
+        torch.library.opcheck(torch.ops.dynconv.masked_conv2d_residual_.default,
+                              (x, w, None, m, [1, 1], [1, 1], [1, 1], 1, 1, r.clone(), 1, threshold),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -295,10 +295,13 @@ void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight,
   });
 }
 
-at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups, int64_t block_size,
-                             const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold) {
+// `inplace`: the residual itself is the output (masked_conv2d_residual_): active pixels are updated in
+// place, inactive ones are never touched.
+at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, int64_t block_size, const std::optional<at::Tensor>& residual,
+                                  int64_t activation, double dense_threshold, bool inplace) {
   const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
   TORCH_CHECK(activation >= 0 && activation <= 2,
               "masked_conv2d: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
@@ -334,14 +337,20 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
       if (act_code == 1) y.relu_();
       if (act_code == 2) y.clamp_(0, 6);
       if (has_res && n_active != s.out_pixels()) y = at::where(pm, y, *residual);
+      if (inplace) return residual->copy_(y);
       return y.contiguous(input.suggest_memory_format());
     }
     return out;
   }
 
   const ActiveRows act = build_active_rows(s, mask_cells, /*with_inverse=*/false);
-  at::Tensor out = at::empty({s.N, s.Co, s.Ho, s.Wo}, input.options().memory_format(fmt));
-  if (has_res) out.copy_(*residual);
+  at::Tensor out;
+  if (inplace) {
+    out = *residual;
+  } else {
+    out = at::empty({s.N, s.Co, s.Ho, s.Wo}, input.options().memory_format(fmt));
+    if (has_res) out.copy_(*residual);
+  }
   if (act.rows.empty()) {
     if (!has_res) out.zero_();
     return out;
@@ -360,6 +369,24 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
       forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
   });
   return out;
+}
+
+at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, int64_t block_size,
+                             const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold) {
+  return masked_conv2d_cpu_impl(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
+                                activation, dense_threshold, /*inplace=*/false);
+}
+
+at::Tensor masked_conv2d_residual_cpu_(const at::Tensor& input, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups, int64_t block_size, at::Tensor& residual, int64_t activation,
+                                       double dense_threshold) {
+  masked_conv2d_cpu_impl(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
+                         activation, dense_threshold, /*inplace=*/true);
+  return residual;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -567,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
 
 TORCH_LIBRARY_IMPL(dynconv, CPU, m) {
   m.impl("masked_conv2d", &masked_conv2d_cpu);
+  m.impl("masked_conv2d_residual_", &masked_conv2d_residual_cpu_);
   m.impl("masked_conv2d_backward", &masked_conv2d_backward_cpu);
 }
 

@@ -45,6 +45,9 @@ class DynMobileNetV2(nn.Module):
         feats.append(conv_bn_act(inp, 1280, 1))
         self.features = nn.Sequential(*feats)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
+            if hasattr(m, "inplace_residual"):
+                m.inplace_residual = True
         self.stem_macs = 0  # MACs of everything not gated, per sample, from the last forward
 
     def forward(self, x: torch.Tensor, masks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:

@@ -35,6 +35,9 @@ class DynResNetCifar(nn.Module):
                 inplanes = planes
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
+            if hasattr(m, "inplace_residual"):
+                m.inplace_residual = True
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels > 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

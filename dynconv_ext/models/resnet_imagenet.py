@@ -33,6 +33,9 @@ class DynResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * e, num_classes)
+        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
+            if hasattr(m, "inplace_residual"):
+                m.inplace_residual = True
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels > 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

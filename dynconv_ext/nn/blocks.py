@@ -64,6 +64,9 @@ class DynBasicBlock(nn.Module):
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
         self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
+        # In eval, write the result into the identity tensor instead of a copy of it. Only safe when nobody
+        # reads the block's input afterwards: the model containers turn it on for their blocks.
+        self.inplace_residual = False
 
     def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -94,7 +97,7 @@ class DynBasicBlock(nn.Module):
             w2, b2 = fold_bn(self.conv2, self.bn2)
             hidden = masked_conv2d(x, w1, b1, None if full else dil, self.conv1.stride, 1, activation="relu")
             out = masked_conv2d(hidden, w2, b2, None if full else mask, 1, 1, block_size=self.block_size,
-                                residual=identity, activation="relu")
+                                residual=identity, activation="relu", inplace=self.inplace_residual and not full)
             active = pix.sum((1, 2)) / float(ho * wo)
             dilated = dil.sum((1, 2)) / float(ho * wo)
         self.last_stats = self._stats((h, w), (ho, wo), active, dilated, soft)
@@ -157,6 +160,9 @@ class DynBottleneck(nn.Module):
         self.block_size, self.stride = block_size, stride
         self.last_stats = {}
         self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
+        # In eval, write the result into the identity tensor instead of a copy of it. Only safe when nobody
+        # reads the block's input afterwards: the model containers turn it on for their blocks.
+        self.inplace_residual = False
 
     def conv_bn_pairs(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
@@ -191,7 +197,7 @@ class DynBottleneck(nn.Module):
             t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu")
             t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu")
             out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
-                                residual=identity, activation="relu")
+                                residual=identity, activation="relu", inplace=self.inplace_residual and not full)
             active = pix.sum((1, 2)) / float(ho * wo)
             needed = (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
         c1 = self.conv1.in_channels * self.conv1.out_channels
@@ -255,6 +261,7 @@ class DynInvertedResidual(nn.Module):
         self.gate = MaskUnit(inp, 1, block_size)
         self.block_size, self.stride, self.downsample = block_size, 1, None
         self.last_stats, self.last_mask = {}, None
+        self.inplace_residual = False  # see DynBasicBlock
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -282,7 +289,8 @@ class DynInvertedResidual(nn.Module):
             t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
                               activation="relu6")
             wp, bp = fold_bn(proj, bnp)
-            out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x)
+            out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
+                                inplace=self.inplace_residual and not full)
             active = pix_b.sum((1, 2)) / float(h * w)
             dilated = torch.ones(n) if (full or exp is None) else need.sum((1, 2)) / float(h * w)
         hidden = dw[0].in_channels

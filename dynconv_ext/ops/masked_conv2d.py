@@ -201,6 +201,7 @@ def masked_conv2d(
     residual: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Convolution computed only where ``mask`` is True (see the module docstring for the full contract).
 
@@ -215,7 +216,9 @@ def masked_conv2d(
         residual: optional ``[N, C_out, Ho, Wo]`` tensor the result is added onto.
         activation: None, ``"relu"`` or ``"relu6"``, applied at selected pixels to conv (+ residual), fused in the
             kernel's epilogue; unselected pixels keep the residual (or 0) untouched.
-        backend: ``"auto"``, ``"cpp"``, ``"dense"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``, ``"dense"`` or ``"reference"``.
+        inplace: with a residual, write the result into ``residual`` and return it: only active pixels are
+            touched (no copy of the residual). Inference only: refuses tensors that require grad.
 
     Returns:
         ``[N, C_out, Ho, Wo]`` tensor in the input's memory format.
@@ -228,6 +231,14 @@ def masked_conv2d(
         raise ValueError("masked_conv2d: padding must be ints here; SparseConv2d accepts 'same'/'valid'")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     ho, wo = _validate(input, weight, bias, mask, stride, padding, dilation, groups, residual)
+    if inplace:
+        if residual is None:
+            raise ValueError("masked_conv2d: inplace=True needs a residual to write into")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+            raise ValueError("masked_conv2d: inplace=True is for inference; use it under torch.no_grad() or "
+                             "torch.inference_mode(), or pass inplace=False")
+        if input.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+            raise ValueError("masked_conv2d: inplace=True cannot write into the storage it reads (input is residual)")
     if mask is None:
         # The conv output is fresh and ours: add and activate in place (no extra 4-MB allocations).
         out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -262,8 +273,9 @@ def masked_conv2d(
         return out
     use_reference = backend == "reference" or (not on_cpu and not _has_device_kernel(input.device.type))
     if use_reference:
-        return masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual,
-                                       activation)
+        out = masked_conv2d_reference(input, weight, bias, mask, stride, padding, dilation, groups, block, residual,
+                                      activation)
+        return residual.copy_(out) if inplace else out
     if input.dtype not in (torch.float32, torch.float64) and input.device.type == "cpu":
         raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
     _extension.require_extension()
@@ -271,6 +283,10 @@ def masked_conv2d(
         threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, input.device.type)
     else:
         threshold = {"cpp": _NEVER, "dense": 0.0}[backend]
+    if inplace:
+        return torch.ops.dynconv.masked_conv2d_residual_(
+            input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
+            ACTIVATIONS[activation], threshold)
     return torch.ops.dynconv.masked_conv2d(
         input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
         ACTIVATIONS[activation], threshold
@@ -299,6 +315,11 @@ if _extension.load_error() is None:
                               dilation)
         return input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(
             memory_format=_out_memory_format(input))
+
+    @torch.library.register_fake("dynconv::masked_conv2d_residual_")
+    def _masked_conv2d_residual_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size,
+                                     residual, activation, dense_threshold):
+        return residual
 
     @torch.library.register_fake("dynconv::masked_conv2d_backward")
     def _masked_conv2d_backward_fake(grad_output, input, weight, mask, stride, padding, dilation, groups,
