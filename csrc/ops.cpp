@@ -34,11 +34,12 @@ TORCH_LIBRARY(dynconv, m) {
   // out[n, :, p] = act(conv(input, weight, bias)[n, :, p] (+ residual)) where the mask is True at p;
   // 0 (or the residual, untouched) elsewhere. mask: bool [N, ceil(Ho/b), ceil(Wo/b)] with b = block_size.
   // activation: 0 = none, 1 = ReLU, 2 = ReLU6 (applied at active pixels only). Active density >= dense_threshold
-  // computes densely and masks.
+  // computes densely and masks. zero_inactive=False leaves inactive pixels unspecified (for intermediates
+  // that are read only where they were computed).
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, int block_size, Tensor? residual, int activation, float dense_threshold) "
-      "-> Tensor");
+      "int[2] dilation, int groups, int block_size, Tensor? residual, int activation, float dense_threshold, "
+      "bool zero_inactive=True) -> Tensor");
   // In-place variant for inference: writes act(residual + conv) into `residual` at active pixels only and
   // returns it; inactive pixels are not touched at all. No autograd.
   m.def(

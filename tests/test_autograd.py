@@ -73,7 +73,7 @@ def test_opcheck(case, threshold):
     r = torch.randn(x.shape[0], w.shape[0], *ho, requires_grad=True)
     for bias, residual in ((b, None), (None, r)):
         torch.library.opcheck(torch.ops.dynconv.masked_conv2d.default,
-                              (x, w, bias, m, stride, padding, dilation, groups, block, residual, 0, threshold))
+                              (x, w, bias, m, stride, padding, dilation, groups, block, residual, 0, threshold, True))
     g = torch.randn(x.shape[0], w.shape[0], *ho)
     torch.library.opcheck(torch.ops.dynconv.masked_conv2d_backward.default,
                           (g, x.detach(), w.detach(), m, stride, padding, dilation, groups, block,

@@ -283,3 +283,12 @@ def test_inplace_op_opcheck():
         torch.library.opcheck(torch.ops.dynconv.masked_conv2d_residual_.default,
                               (x, w, None, m, [1, 1], [1, 1], [1, 1], 1, 1, r.clone(), 1, threshold),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_zero_inactive_false_keeps_active_values():
+    x, w, b = torch.randn(2, 5, 8, 8), torch.randn(6, 5, 3, 3), torch.randn(6)
+    m = torch.rand(2, 8, 8) < 0.5
+    full = masked_conv2d(x, w, b, m, 1, 1, backend="cpp")
+    part = masked_conv2d(x, w, b, m, 1, 1, backend="cpp", zero_inactive=False)
+    sel = m[:, None].expand_as(full)
+    assert torch.equal(part[sel], full[sel])  # active pixels identical; the rest unspecified

@@ -301,7 +301,8 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
                                   const std::optional<at::Tensor>& bias, const at::Tensor& mask,
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, int64_t block_size, const std::optional<at::Tensor>& residual,
-                                  int64_t activation, double dense_threshold, bool inplace) {
+                                  int64_t activation, double dense_threshold, bool inplace,
+                                  bool zero_inactive_pixels = true) {
   const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
   TORCH_CHECK(activation >= 0 && activation <= 2,
               "masked_conv2d: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
@@ -362,7 +363,8 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     const OutView ov = out_view(out);
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    const bool* zero_mask = has_res ? nullptr : mask_c.data_ptr<bool>();  // inactive pixels to zero
+    // Inactive pixels to zero (none with a residual, or when the caller leaves them unspecified).
+    const bool* zero_mask = (has_res || !zero_inactive_pixels) ? nullptr : mask_c.data_ptr<bool>();
     if (s.Cg == 1)
       forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
     else
@@ -374,9 +376,10 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
 at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, int64_t block_size,
-                             const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold) {
+                             const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold,
+                             bool zero_inactive) {
   return masked_conv2d_cpu_impl(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                                activation, dense_threshold, /*inplace=*/false);
+                                activation, dense_threshold, /*inplace=*/false, zero_inactive);
 }
 
 at::Tensor masked_conv2d_residual_cpu_(const at::Tensor& input, const at::Tensor& weight,

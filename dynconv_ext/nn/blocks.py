@@ -95,7 +95,9 @@ class DynBasicBlock(nn.Module):
             dil = pix if full else dilate_pixel_mask(pix, 3)
             w1, b1 = fold_bn(self.conv1, self.bn1)
             w2, b2 = fold_bn(self.conv2, self.bn2)
-            hidden = masked_conv2d(x, w1, b1, None if full else dil, self.conv1.stride, 1, activation="relu")
+            # conv2 reads `hidden` only inside `dil`, where it is computed: no need to zero the rest.
+            hidden = masked_conv2d(x, w1, b1, None if full else dil, self.conv1.stride, 1, activation="relu",
+                                   zero_inactive=False)
             out = masked_conv2d(hidden, w2, b2, None if full else mask, 1, 1, block_size=self.block_size,
                                 residual=identity, activation="relu", inplace=self.inplace_residual and not full)
             active = pix.sum((1, 2)) / float(ho * wo)
@@ -194,8 +196,10 @@ class DynBottleneck(nn.Module):
             w1, b1 = fold_bn(self.conv1, self.bn1)
             w2, b2 = fold_bn(self.conv2, self.bn2)
             w3, b3 = fold_bn(self.conv3, self.bn3)
-            t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu")
-            t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu")
+            # Each intermediate is read only where it was computed: leave the rest unspecified (no zeroing).
+            t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu", zero_inactive=False)
+            t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu",
+                              zero_inactive=False)
             out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
                                 residual=identity, activation="relu", inplace=self.inplace_residual and not full)
             active = pix.sum((1, 2)) / float(ho * wo)
@@ -284,10 +288,10 @@ class DynInvertedResidual(nn.Module):
             if exp is not None:
                 we, be = fold_bn(exp[0], exp[1])
                 need = None if full else dilate_pixel_mask(pix_b, 3)
-                t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6")
+                t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6", zero_inactive=False)
             wd, bd = fold_bn(dw[0], dw[1])
             t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
-                              activation="relu6")
+                              activation="relu6", zero_inactive=False)
             wp, bp = fold_bn(proj, bnp)
             out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
                                 inplace=self.inplace_residual and not full)

@@ -202,6 +202,7 @@ def masked_conv2d(
     activation: Optional[str] = None,
     backend: str = "auto",
     inplace: bool = False,
+    zero_inactive: bool = True,
 ) -> torch.Tensor:
     """Convolution computed only where ``mask`` is True (see the module docstring for the full contract).
 
@@ -217,6 +218,9 @@ def masked_conv2d(
         activation: None, ``"relu"`` or ``"relu6"``, applied at selected pixels to conv (+ residual), fused in the
             kernel's epilogue; unselected pixels keep the residual (or 0) untouched.
         backend: ``"auto"``, ``"cpp"``, ``"cuda"``, ``"triton"``, ``"dense"`` or ``"reference"``.
+        zero_inactive: False leaves unselected pixels *unspecified* (whatever memory held) instead of 0 when
+            there is no residual: for intermediates that are only ever read where they were computed (the
+            hidden tensors of a gated block). Saves a memory pass; never use it for a tensor users see.
         inplace: with a residual, write the result into ``residual`` and return it: only active pixels are
             touched (no copy of the residual). Inference only: refuses tensors that require grad.
 
@@ -289,7 +293,7 @@ def masked_conv2d(
             ACTIVATIONS[activation], threshold)
     return torch.ops.dynconv.masked_conv2d(
         input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-        ACTIVATIONS[activation], threshold
+        ACTIVATIONS[activation], threshold, zero_inactive
     )
 
 
@@ -310,7 +314,7 @@ if _extension.load_error() is None:
 
     @torch.library.register_fake("dynconv::masked_conv2d")
     def _masked_conv2d_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                            activation, dense_threshold):
+                            activation, dense_threshold, zero_inactive=True):
         ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding,
                               dilation)
         return input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(
@@ -333,7 +337,7 @@ if _extension.load_error() is None:
 
     def _setup_context(ctx, inputs, output):
         (input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual, activation,
-         threshold) = inputs
+         threshold, _zero_inactive) = inputs
         # With a fused ReLU the backward needs to know where it clipped: keep the output.
         ctx.save_for_backward(input, weight, mask, output if activation else None)
         ctx.activation = activation
@@ -359,6 +363,6 @@ if _extension.load_error() is None:
                 grad_output, input, weight, mask, stride, padding, dilation, groups, block_size, output_mask,
                 ctx.threshold)
         return (gi if output_mask[0] else None, gw if output_mask[1] else None, gb if output_mask[2] else None,
-                None, None, None, None, None, None, grad_output if need[9] else None, None, None)
+                None, None, None, None, None, None, grad_output if need[9] else None, None, None, None)
 
     torch.library.register_autograd("dynconv::masked_conv2d", _backward, setup_context=_setup_context)
