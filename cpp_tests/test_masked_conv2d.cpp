@@ -13,7 +13,8 @@ namespace {
 
 using MaskedConv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                   const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                  int64_t, const std::optional<at::Tensor>&, int64_t, double, bool);
+                                  int64_t, const std::optional<at::Tensor>&, int64_t, double, bool,
+                                  const std::optional<at::Tensor>&);
 
 at::Tensor masked_conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -22,7 +23,7 @@ at::Tensor masked_conv2d(const at::Tensor& input, const at::Tensor& weight, cons
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("dynconv::masked_conv2d", "").typed<MaskedConv2dFn>();
   return op.call(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                 /*activation=*/0, dense_threshold, /*zero_inactive=*/true);
+                 /*activation=*/0, dense_threshold, /*zero_inactive=*/true, /*rows=*/std::nullopt);
 }
 
 int failures = 0, checks = 0;

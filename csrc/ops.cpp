@@ -35,17 +35,19 @@ TORCH_LIBRARY(dynconv, m) {
   // 0 (or the residual, untouched) elsewhere. mask: bool [N, ceil(Ho/b), ceil(Wo/b)] with b = block_size.
   // activation: 0 = none, 1 = ReLU, 2 = ReLU6 (applied at active pixels only). Active density >= dense_threshold
   // computes densely and masks. zero_inactive=False leaves inactive pixels unspecified (for intermediates
-  // that are read only where they were computed).
+  // that are read only where they were computed). rows: optional precomputed index map (int64 flat output
+  // pixels of the active set, raster order, as dynconv_ext.ops.active_rows builds it), shared by the convs
+  // of a block that use the same mask; checked against the mask's count.
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int block_size, Tensor? residual, int activation, float dense_threshold, "
-      "bool zero_inactive=True) -> Tensor");
+      "bool zero_inactive=True, Tensor? rows=None) -> Tensor");
   // In-place variant for inference: writes act(residual + conv) into `residual` at active pixels only and
   // returns it; inactive pixels are not touched at all. No autograd.
   m.def(
       "masked_conv2d_residual_(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int block_size, Tensor(a!) residual, int activation, "
-      "float dense_threshold) -> Tensor(a!)");
+      "float dense_threshold, Tensor? rows=None) -> Tensor(a!)");
   // Gradients of masked_conv2d with respect to input, weight and bias (residual's gradient is
   // grad_output itself). Entries not asked for in output_mask are returned as empty tensors.
   m.def(

@@ -292,3 +292,15 @@ def test_zero_inactive_false_keeps_active_values():
     part = masked_conv2d(x, w, b, m, 1, 1, backend="cpp", zero_inactive=False)
     sel = m[:, None].expand_as(full)
     assert torch.equal(part[sel], full[sel])  # active pixels identical; the rest unspecified
+
+
+def test_shared_rows_index_map():
+    from dynconv_ext.ops import active_rows
+    x, w = torch.randn(2, 5, 9, 9), torch.randn(6, 5, 3, 3)
+    m = torch.rand(2, 3, 3) < 0.5
+    rows = active_rows(m, (9, 9), 3)
+    assert rows.dtype == torch.int64 and torch.equal(rows, rows.sort().values)
+    torch.testing.assert_close(masked_conv2d(x, w, None, m, 1, 1, rows=rows, backend="cpp"),
+                               masked_conv2d(x, w, None, m, 1, 1, backend="cpp"))
+    with pytest.raises(RuntimeError, match="rows has"):
+        masked_conv2d(x, w, None, m, 1, 1, rows=rows[:-1], backend="cpp")

@@ -140,14 +140,13 @@ constexpr int64_t kTapBytes = 12288;
 
 template <typename T>
 void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                  const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, int act,
+                  const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
   const bool relu = act != 0;
   const at::Tensor wpack_t = pack_weight_panels<T>(s, weight);
   const T* wpack = wpack_t.data_ptr<T>();
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps(), ldc = panels * kNR;
   const int64_t tap_chunk = std::max<int64_t>(1, (kTapBytes / int64_t(sizeof(T) * kNR)) / s.Cg);
-  const int64_t M = static_cast<int64_t>(rows.size());
   const int64_t macro_rows = kBlocksPerMacro * kMR, nmacro = ceil_div(M, macro_rows);
   const int64_t per_macro = kBlocksPerMacro * taps * kMR;  // row pointers of one macro block: [block][tap][row]
   // Per-tap displacement tables, so the hot loops do no division by runtime sizes.
@@ -258,7 +257,7 @@ void forward_gemm(const ConvShape& s, const T* x, const at::Tensor& weight, cons
 // directly, vectorized over channels of the channels-last input.
 template <typename T>
 void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight, const T* bias,
-                       const std::vector<int64_t>& rows, T* out, const OutView& ov, bool add, int act,
+                       const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                        const bool* zero_mask) {
   const at::Tensor w = weight.contiguous();
   const T* wp = w.data_ptr<T>();
@@ -266,7 +265,6 @@ void forward_depthwise(const ConvShape& s, const T* x, const at::Tensor& weight,
   std::vector<T> wt(static_cast<size_t>(s.taps() * s.Co));
   for (int64_t co = 0; co < s.Co; ++co)
     for (int64_t t = 0; t < s.taps(); ++t) wt[t * s.Co + co] = wp[co * s.taps() + t];
-  const int64_t M = static_cast<int64_t>(rows.size());
   at::parallel_for(0, M, 64, [&](int64_t rb, int64_t re) {
     if (zero_mask) {
       const auto [z0, z1] = zero_slice(s, rb, re, M);
@@ -302,7 +300,7 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, int64_t block_size, const std::optional<at::Tensor>& residual,
                                   int64_t activation, double dense_threshold, bool inplace,
-                                  bool zero_inactive_pixels = true) {
+                                  bool zero_inactive_pixels, const std::optional<at::Tensor>& given_rows) {
   const ConvShape s = make_conv_shape(input, weight, bias, mask, stride, padding, dilation, groups, block_size);
   TORCH_CHECK(activation >= 0 && activation <= 2,
               "masked_conv2d: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
@@ -344,7 +342,17 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     return out;
   }
 
-  const ActiveRows act = build_active_rows(s, mask_cells, /*with_inverse=*/false);
+  const bool have_rows = given_rows.has_value() && given_rows->defined();
+  if (have_rows) {
+    TORCH_CHECK(given_rows->scalar_type() == at::kLong && given_rows->dim() == 1 && given_rows->device().is_cpu(),
+                "masked_conv2d: rows must be a 1-D int64 CPU tensor (dynconv_ext.ops.active_rows)");
+    TORCH_CHECK(given_rows->numel() == n_active, "masked_conv2d: rows has ", given_rows->numel(),
+                " entries but the mask selects ", n_active, " pixels");
+  }
+  const at::Tensor rows_c = have_rows ? given_rows->contiguous() : at::Tensor();
+  const ActiveRows act = have_rows ? ActiveRows{} : build_active_rows(s, mask_cells, /*with_inverse=*/false);
+  const int64_t* row_ptr = have_rows ? rows_c.data_ptr<int64_t>() : act.rows.data();
+  const int64_t n_rows = have_rows ? rows_c.numel() : static_cast<int64_t>(act.rows.size());
   at::Tensor out;
   if (inplace) {
     out = *residual;
@@ -352,7 +360,7 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     out = at::empty({s.N, s.Co, s.Ho, s.Wo}, input.options().memory_format(fmt));
     if (has_res) out.copy_(*residual);
   }
-  if (act.rows.empty()) {
+  if (n_rows == 0) {
     if (!has_res) out.zero_();
     return out;
   }
@@ -366,9 +374,9 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     // Inactive pixels to zero (none with a residual, or when the caller leaves them unspecified).
     const bool* zero_mask = (has_res || !zero_inactive_pixels) ? nullptr : mask_c.data_ptr<bool>();
     if (s.Cg == 1)
-      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
+      forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, row_ptr, n_rows, op, ov, has_res, act_code, zero_mask);
     else
-      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, act.rows, op, ov, has_res, act_code, zero_mask);
+      forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, row_ptr, n_rows, op, ov, has_res, act_code, zero_mask);
   });
   return out;
 }
@@ -377,18 +385,18 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
                              const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, int64_t block_size,
                              const std::optional<at::Tensor>& residual, int64_t activation, double dense_threshold,
-                             bool zero_inactive) {
+                             bool zero_inactive, const std::optional<at::Tensor>& rows) {
   return masked_conv2d_cpu_impl(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                                activation, dense_threshold, /*inplace=*/false, zero_inactive);
+                                activation, dense_threshold, /*inplace=*/false, zero_inactive, rows);
 }
 
 at::Tensor masked_conv2d_residual_cpu_(const at::Tensor& input, const at::Tensor& weight,
                                        const std::optional<at::Tensor>& bias, const at::Tensor& mask,
                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                        int64_t groups, int64_t block_size, at::Tensor& residual, int64_t activation,
-                                       double dense_threshold) {
+                                       double dense_threshold, const std::optional<at::Tensor>& rows) {
   masked_conv2d_cpu_impl(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                         activation, dense_threshold, /*inplace=*/true);
+                         activation, dense_threshold, /*inplace=*/true, /*zero_inactive_pixels=*/true, rows);
   return residual;
 }
 

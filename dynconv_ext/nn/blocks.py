@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import masked_conv2d
+from ..ops import active_rows, masked_conv2d
 from ..reference import expand_block_mask
 from .gates import MaskUnit
 
@@ -198,10 +198,12 @@ class DynBottleneck(nn.Module):
             w3, b3 = fold_bn(self.conv3, self.bn3)
             # Each intermediate is read only where it was computed: leave the rest unspecified (no zeroing).
             t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu", zero_inactive=False)
+            rows = None if (full or x.device.type != "cpu") else active_rows(mask, (ho, wo), self.block_size)
             t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu",
-                              zero_inactive=False)
+                              zero_inactive=False, rows=rows)  # conv2 and conv3 share one index map
             out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
-                                residual=identity, activation="relu", inplace=self.inplace_residual and not full)
+                                residual=identity, activation="relu", inplace=self.inplace_residual and not full,
+                                rows=rows)
             active = pix.sum((1, 2)) / float(ho * wo)
             needed = (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
         c1 = self.conv1.in_channels * self.conv1.out_channels
@@ -290,11 +292,12 @@ class DynInvertedResidual(nn.Module):
                 need = None if full else dilate_pixel_mask(pix_b, 3)
                 t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6", zero_inactive=False)
             wd, bd = fold_bn(dw[0], dw[1])
+            rows = None if (full or x.device.type != "cpu") else active_rows(mask, (h, w), self.block_size)
             t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
-                              activation="relu6", zero_inactive=False)
+                              activation="relu6", zero_inactive=False, rows=rows)  # shared with the projection
             wp, bp = fold_bn(proj, bnp)
             out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
-                                inplace=self.inplace_residual and not full)
+                                inplace=self.inplace_residual and not full, rows=rows)
             active = pix_b.sum((1, 2)) / float(h * w)
             dilated = torch.ones(n) if (full or exp is None) else need.sum((1, 2)) / float(h * w)
         hidden = dw[0].in_channels

@@ -203,6 +203,7 @@ def masked_conv2d(
     backend: str = "auto",
     inplace: bool = False,
     zero_inactive: bool = True,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Convolution computed only where ``mask`` is True (see the module docstring for the full contract).
 
@@ -221,6 +222,8 @@ def masked_conv2d(
         zero_inactive: False leaves unselected pixels *unspecified* (whatever memory held) instead of 0 when
             there is no residual: for intermediates that are only ever read where they were computed (the
             hidden tensors of a gated block). Saves a memory pass; never use it for a tensor users see.
+        rows: the mask's index map from :func:`active_rows`, when several convs of a block share one mask
+            (built once, used by each); checked against the mask's count. CPU backends only.
         inplace: with a residual, write the result into ``residual`` and return it: only active pixels are
             touched (no copy of the residual). Inference only: refuses tensors that require grad.
 
@@ -290,11 +293,20 @@ def masked_conv2d(
     if inplace:
         return torch.ops.dynconv.masked_conv2d_residual_(
             input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-            ACTIVATIONS[activation], threshold)
+            ACTIVATIONS[activation], threshold, rows)
     return torch.ops.dynconv.masked_conv2d(
         input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-        ACTIVATIONS[activation], threshold, zero_inactive
+        ACTIVATIONS[activation], threshold, zero_inactive, rows
     )
+
+
+def active_rows(mask: torch.Tensor, out_hw, block_size: int = 1) -> torch.Tensor:
+    """The index map of a mask: int64 flat output pixels ``(n * Ho + ho) * Wo + wo`` where it is True, in
+    raster order. Build it once and pass it as ``rows=`` to every conv of a block that uses the same mask."""
+    from ..reference import expand_block_mask
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    return torch.nonzero(expand_block_mask(mask, block_size, out_hw).reshape(-1)).reshape(-1)
 
 
 def _has_device_kernel(device_type: str) -> bool:
@@ -314,7 +326,7 @@ if _extension.load_error() is None:
 
     @torch.library.register_fake("dynconv::masked_conv2d")
     def _masked_conv2d_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual,
-                            activation, dense_threshold, zero_inactive=True):
+                            activation, dense_threshold, zero_inactive=True, rows=None):
         ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding,
                               dilation)
         return input.new_empty((input.shape[0], weight.shape[0], ho, wo)).contiguous(
@@ -322,7 +334,7 @@ if _extension.load_error() is None:
 
     @torch.library.register_fake("dynconv::masked_conv2d_residual_")
     def _masked_conv2d_residual_fake(input, weight, bias, mask, stride, padding, dilation, groups, block_size,
-                                     residual, activation, dense_threshold):
+                                     residual, activation, dense_threshold, rows=None):
         return residual
 
     @torch.library.register_fake("dynconv::masked_conv2d_backward")
@@ -337,7 +349,7 @@ if _extension.load_error() is None:
 
     def _setup_context(ctx, inputs, output):
         (input, weight, bias, mask, stride, padding, dilation, groups, block_size, residual, activation,
-         threshold, _zero_inactive) = inputs
+         threshold, _zero_inactive, _rows) = inputs
         # With a fused ReLU the backward needs to know where it clipped: keep the output.
         ctx.save_for_backward(input, weight, mask, output if activation else None)
         ctx.activation = activation
@@ -363,6 +375,6 @@ if _extension.load_error() is None:
                 grad_output, input, weight, mask, stride, padding, dilation, groups, block_size, output_mask,
                 ctx.threshold)
         return (gi if output_mask[0] else None, gw if output_mask[1] else None, gb if output_mask[2] else None,
-                None, None, None, None, None, None, grad_output if need[9] else None, None, None, None)
+                None, None, None, None, None, None, grad_output if need[9] else None, None, None, None, None)
 
     torch.library.register_autograd("dynconv::masked_conv2d", _backward, setup_context=_setup_context)
