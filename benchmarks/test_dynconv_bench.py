@@ -12,6 +12,21 @@ from dynconv_ext.profile import interleaved_medians
 
 pytestmark = pytest.mark.benchmark
 
+
+def _model_row(name, batch, mask, density, t, net, eager_keys=("dense_nchw", "dense_cl")):
+    """One result row from interleaved timings `t` (ms) and the model's MAC counts of its last forward."""
+    macs = models.executed_macs(net)
+    dense_ms = min(t[k] for k in eager_keys)
+    folded = t.get("dense_folded", float("nan"))
+    return {
+        "model": name, "batch": batch, "mask": mask, "density": density,
+        "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
+        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
+        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": folded,
+        "speedup_eager": dense_ms / t["ours"], "speedup_folded": folded / t["ours"],
+        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
+    }
+
 # Per-sample MACs; "dense eager" = the same network in PyTorch eager (BN separate), the faster of NCHW and
 # channels-last; "dense folded" = with BN folded into the convs, as the gated path does (the fairer baseline).
 COLUMNS = [
@@ -39,17 +54,9 @@ def test_dynconv_resnet32_forward(density, block_size, bench_rows, bench_columns
     }, reps=reps)
     with torch.no_grad():
         net(x_cl, masks)
-    macs = models.executed_macs(net)
-    dense_ms = min(t["dense_nchw"], t["dense_cl"])
     bench_columns["dynconv_resnet32_cpu"] = COLUMNS
-    bench_rows.setdefault("dynconv_resnet32_cpu", []).append({
-        "model": "dynconv_resnet32", "batch": 64, "mask": "pixel" if block_size == 1 else f"block{block_size}",
-        "density": density, "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
-        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
-        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": t["dense_folded"],
-        "speedup_eager": dense_ms / t["ours"], "speedup_folded": t["dense_folded"] / t["ours"],
-        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
-    })
+    kind = "pixel" if block_size == 1 else f"block{block_size}"
+    bench_rows.setdefault("dynconv_resnet32_cpu", []).append(_model_row("dynconv_resnet32", 64, kind, density, t, net))
     assert t["ours"] > 0
 
 
@@ -68,17 +75,9 @@ def test_dynconv_resnet50_forward(density, block_size, bench_rows, bench_columns
     }, reps=reps)
     with torch.no_grad():
         net(x_cl, masks)
-    macs = models.executed_macs(net)
-    dense_ms = min(t["dense_nchw"], t["dense_cl"])
     bench_columns["dynconv_resnet50_cpu"] = COLUMNS
-    bench_rows.setdefault("dynconv_resnet50_cpu", []).append({
-        "model": "dynconv_resnet50", "batch": 8, "mask": "pixel" if block_size == 1 else f"block{block_size}",
-        "density": density, "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
-        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
-        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": t["dense_folded"],
-        "speedup_eager": dense_ms / t["ours"], "speedup_folded": t["dense_folded"] / t["ours"],
-        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
-    })
+    kind = "pixel" if block_size == 1 else f"block{block_size}"
+    bench_rows.setdefault("dynconv_resnet50_cpu", []).append(_model_row("dynconv_resnet50", 8, kind, density, t, net))
     assert t["ours"] > 0
 
 
@@ -94,17 +93,9 @@ def test_dynconv_mobilenetv2_forward(density, bench_rows, bench_columns, request
                              "ours": lambda: net(x_cl, masks)}, reps=reps)
     with torch.no_grad():
         net(x_cl, masks)
-    macs = models.executed_macs(net)
-    dense_ms = min(t["dense_nchw"], t["dense_cl"])
     bench_columns["dynconv_mobilenetv2_cpu"] = COLUMNS
-    bench_rows.setdefault("dynconv_mobilenetv2_cpu", []).append({
-        "model": "dynconv_mobilenetv2", "batch": 8, "mask": "pixel", "density": density,
-        "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
-        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
-        "ours_ms": t["ours"], "dense_eager_ms": dense_ms, "dense_folded_ms": float("nan"),
-        "speedup_eager": dense_ms / t["ours"], "speedup_folded": float("nan"),
-        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
-    })
+    bench_rows.setdefault("dynconv_mobilenetv2_cpu", []).append(
+        _model_row("dynconv_mobilenetv2", 8, "pixel", density, t, net))
     assert t["ours"] > 0
 
 
@@ -137,14 +128,7 @@ def test_dynconv_resnet32_trained_masks(budget, bench_rows, bench_columns, reque
                              "ours": lambda: net(x_cl)}, reps=reps)
     with torch.no_grad():
         net(x_cl)
-    macs = models.executed_macs(net)
     bench_columns["dynconv_resnet32_trained_cpu"] = COLUMNS
-    bench_rows.setdefault("dynconv_resnet32_trained_cpu", []).append({
-        "model": f"dynconv_resnet32 (trained, budget {budget})", "batch": 64, "mask": "learned", "density": budget,
-        "active": float(torch.stack([s["density"] for s in macs["per_block"]]).mean()),
-        "macs_executed_M": float(macs["executed"].mean()) / 1e6, "macs_dense_M": macs["dense"] / 1e6,
-        "ours_ms": t["ours"], "dense_eager_ms": t["dense_cl"], "dense_folded_ms": t["dense_folded"],
-        "speedup_eager": t["dense_cl"] / t["ours"], "speedup_folded": t["dense_folded"] / t["ours"],
-        "ideal_speedup": macs["dense"] / float(macs["executed"].mean()),
-    })
+    bench_rows.setdefault("dynconv_resnet32_trained_cpu", []).append(
+        _model_row(f"dynconv_resnet32 (trained, budget {budget})", 64, "learned", budget, t, net, ("dense_cl",)))
     assert t["ours"] > 0

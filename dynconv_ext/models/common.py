@@ -10,6 +10,14 @@ def gated_blocks(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "last_stats")]
 
 
+def enable_inplace_residual(model: nn.Module) -> None:
+    """Let every gated block of `model` update its identity tensor in place in eval. Only for containers that
+    own their intermediates (nothing reads a block's input after the block), as the models here do."""
+    for m in model.modules():
+        if hasattr(m, "inplace_residual"):
+            m.inplace_residual = True
+
+
 def executed_macs(model: nn.Module) -> dict:
     """Per-sample MACs of the last forward: {'executed': [N] tensor, 'dense': float, 'per_block': [...]}.
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.blocks import DynInvertedResidual, conv_bn_act
+from .common import enable_inplace_residual
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper and torchvision.
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -45,9 +46,7 @@ class DynMobileNetV2(nn.Module):
         feats.append(conv_bn_act(inp, 1280, 1))
         self.features = nn.Sequential(*feats)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
-        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
-            if hasattr(m, "inplace_residual"):
-                m.inplace_residual = True
+        enable_inplace_residual(self)  # the model owns its intermediates
         self.stem_macs = 0  # MACs of everything not gated, per sample, from the last forward
 
     def forward(self, x: torch.Tensor, masks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.blocks import DynBasicBlock
-from .common import block_masks, executed_macs  # noqa: F401  (re-exported)
+from .common import block_masks, enable_inplace_residual, executed_macs  # noqa: F401  (re-exported)
 
 
 class DynResNetCifar(nn.Module):
@@ -35,9 +35,7 @@ class DynResNetCifar(nn.Module):
                 inplanes = planes
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(inplanes, num_classes)
-        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
-            if hasattr(m, "inplace_residual"):
-                m.inplace_residual = True
+        enable_inplace_residual(self)  # the model owns its intermediates
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels > 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.blocks import DynBasicBlock, DynBottleneck, dense_block_forward
+from .common import enable_inplace_residual
 
 
 class DynResNet(nn.Module):
@@ -33,9 +34,7 @@ class DynResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * e, num_classes)
-        for m in self.modules():  # the model owns its intermediates: blocks may update them in place
-            if hasattr(m, "inplace_residual"):
-                m.inplace_residual = True
+        enable_inplace_residual(self)  # the model owns its intermediates
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.out_channels > 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -39,6 +39,21 @@ def dilate_pixel_mask(mask: torch.Tensor, kernel: int, dilation: int = 1) -> tor
     return out
 
 
+def shortcut_macs(downsample: Optional[nn.Module], out_pixels: int) -> int:
+    """MACs per sample of a (dense) projection shortcut computed at `out_pixels` output pixels."""
+    if downsample is None:
+        return 0
+    return sum(m.in_channels // m.groups * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+               for m in downsample.modules() if isinstance(m, nn.Conv2d)) * out_pixels
+
+
+def block_stats(cond, cond_dense: float, shortcut: int, gate: int, active, soft) -> dict:
+    """The per-sample MAC and density record every gated block leaves in `last_stats`."""
+    return {"dense_macs": cond_dense + shortcut, "executed_macs": cond + shortcut + gate,
+            "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
+            "soft_density": soft.mean((1, 2)) if soft is not None else None}
+
+
 class DynBasicBlock(nn.Module):
     """ResNet basic block (3x3 conv-BN-ReLU, 3x3 conv-BN, + identity, ReLU) gated by a MaskUnit.
 
@@ -110,20 +125,8 @@ class DynBasicBlock(nn.Module):
         pixels = out_hw[0] * out_hw[1]
         c1 = self.conv1.in_channels * self.conv1.out_channels * 9
         c2 = self.conv2.in_channels * self.conv2.out_channels * 9
-        ds = 0
-        if self.downsample is not None:
-            ds = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-                     for m in self.downsample.modules() if isinstance(m, nn.Conv2d)) * pixels
-        gate = self.gate.macs(in_hw, out_hw)
-        return {
-            "dense_macs": float((c1 + c2) * pixels + ds),
-            "executed_macs": (dilated * c1 + active * c2) * pixels + ds + gate,  # per sample
-            "conditional_dense_macs": float((c1 + c2) * pixels),
-            "conditional_macs": (dilated * c1 + active * c2) * pixels,
-            "density": active,
-            "soft_density": soft.mean((1, 2)) if soft is not None else None,
-        }
-
+        return block_stats((dilated * c1 + active * c2) * pixels, float((c1 + c2) * pixels),
+                           shortcut_macs(self.downsample, pixels), self.gate.macs(in_hw, out_hw), active, soft)
 
 def receptive_input_mask(mask: torch.Tensor, in_hw, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """Input pixels [N, H, W] read by a kernel x kernel conv (stride, padding) computed at output pixels `mask`."""
@@ -209,17 +212,10 @@ class DynBottleneck(nn.Module):
         c1 = self.conv1.in_channels * self.conv1.out_channels
         c2 = self.conv2.in_channels * self.conv2.out_channels * 9
         c3 = self.conv3.in_channels * self.conv3.out_channels
-        ds = 0
-        if self.downsample is not None:
-            ds = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-                     for m in self.downsample.modules() if isinstance(m, nn.Conv2d)) * ho * wo
         cond_dense = float(c1 * h * w + (c2 + c3) * ho * wo)
         cond = needed * c1 * h * w + active * (c2 + c3) * ho * wo
-        self.last_stats = {
-            "dense_macs": cond_dense + ds, "executed_macs": cond + ds + self.gate.macs((h, w), (ho, wo)),
-            "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
-            "soft_density": soft.mean((1, 2)) if soft is not None else None,
-        }
+        self.last_stats = block_stats(cond, cond_dense, shortcut_macs(self.downsample, ho * wo),
+                                      self.gate.macs((h, w), (ho, wo)), active, soft)
         self.last_mask = (pix > 0 if pix.dtype != torch.bool else pix).detach().reshape(n, ho, wo)
         return out
 
@@ -305,8 +301,6 @@ class DynInvertedResidual(nn.Module):
         cd, cp = hidden * 9, hidden * proj.out_channels
         cond_dense = float((ce + cd + cp) * h * w)
         cond = (dilated * ce + active * (cd + cp)) * h * w
-        self.last_stats = {"dense_macs": cond_dense, "executed_macs": cond + self.gate.macs((h, w), (h, w)),
-                           "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
-                           "soft_density": soft.mean((1, 2)) if soft is not None else None}
+        self.last_stats = block_stats(cond, cond_dense, 0, self.gate.macs((h, w), (h, w)), active, soft)
         self.last_mask = pix_b.detach()
         return out
