@@ -191,11 +191,18 @@ def main(argv=None):
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--eval-before", action="store_true", help="also evaluate before training (logged as epoch 0)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: one GPU per process when there are enough GPUs, else CPU")
     args = p.parse_args(argv)
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_procs
+    if args.device == "cuda" and not enough_gpus:
+        raise SystemExit(f"--device cuda: {local_procs} process(es) per node need as many GPUs, "
+                         f"found {torch.cuda.device_count()}")
+    use_cuda = enough_gpus and args.device != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
