@@ -1,5 +1,4 @@
 """Root pytest configuration: `pytest --benchmark` runs the timing suites in benchmarks/, plain `pytest` skips them."""
-import pytest
 
 
 def pytest_addoption(parser):

@@ -4,6 +4,8 @@ same networks run densely (`pytest --benchmark -k dynconv`).
 Masks of a given density are drawn per block (spatially coherent, like learned DynConv masks) and passed
 to the model, so the gates' choices do not matter here; executed MACs are counted by the model.
 """
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 
@@ -39,63 +41,46 @@ COLUMNS = [
 ]
 
 
-@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 1.0])
-@pytest.mark.parametrize("block_size", [1, 4])
-def test_dynconv_resnet32_forward(density, block_size, bench_rows, bench_columns, request):
+class ModelSpec(NamedTuple):
+    factory: Callable
+    batch: int
+    size: int
+    block_sizes: tuple
+    min_reps: int  # repetitions: max(min_reps, --bench-reps // reps_divisor)
+    reps_divisor: int
+    folded_baseline: bool  # whether the model has forward_dense(..., fold_bn=True)
+
+
+MODEL_SPECS = {
+    "dynconv_resnet32": ModelSpec(models.dynconv_resnet32, 64, 32, (1, 4), 5, 2, True),
+    "dynconv_resnet50": ModelSpec(models.dynconv_resnet50, 8, 224, (1, 4), 3, 3, True),
+    "dynconv_mobilenetv2": ModelSpec(models.dynconv_mobilenetv2, 8, 224, (1,), 3, 3, False),
+}
+MODEL_CASES = [(name, b, d) for name, spec in MODEL_SPECS.items() for b in spec.block_sizes
+               for d in (0.25, 0.5, 0.75, 1.0)]
+
+
+@pytest.mark.parametrize("name,block_size,density", MODEL_CASES,
+                         ids=[f"{n}-b{b}-d{d}" for n, b, d in MODEL_CASES])
+def test_dynconv_model_forward(name, block_size, density, bench_rows, bench_columns, request):
+    spec = MODEL_SPECS[name]
     torch.manual_seed(0)
-    reps = max(5, request.config.getoption("--bench-reps") // 2)
-    net = models.dynconv_resnet32(block_size=block_size).eval()
-    x = torch.randn(64, 3, 32, 32)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    masks = models.set_block_masks(net, x, density, coherent=True)
-    t = interleaved_medians({
-        "dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
-        "dense_folded": lambda: net.forward_dense(x_cl, fold_bn=True), "ours": lambda: net(x_cl, masks),
-    }, reps=reps)
-    with torch.no_grad():
-        net(x_cl, masks)
-    bench_columns["dynconv_resnet32_cpu"] = COLUMNS
-    kind = "pixel" if block_size == 1 else f"block{block_size}"
-    bench_rows.setdefault("dynconv_resnet32_cpu", []).append(_model_row("dynconv_resnet32", 64, kind, density, t, net))
-    assert t["ours"] > 0
-
-
-@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 1.0])
-@pytest.mark.parametrize("block_size", [1, 4])
-def test_dynconv_resnet50_forward(density, block_size, bench_rows, bench_columns, request):
-    torch.manual_seed(0)
-    reps = max(3, request.config.getoption("--bench-reps") // 3)
-    net = models.dynconv_resnet50(block_size=block_size).eval()
-    x = torch.randn(8, 3, 224, 224)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    masks = models.block_masks(net, x, density, coherent=True)
-    t = interleaved_medians({
-        "dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
-        "dense_folded": lambda: net.forward_dense(x_cl, fold_bn_=True), "ours": lambda: net(x_cl, masks),
-    }, reps=reps)
-    with torch.no_grad():
-        net(x_cl, masks)
-    bench_columns["dynconv_resnet50_cpu"] = COLUMNS
-    kind = "pixel" if block_size == 1 else f"block{block_size}"
-    bench_rows.setdefault("dynconv_resnet50_cpu", []).append(_model_row("dynconv_resnet50", 8, kind, density, t, net))
-    assert t["ours"] > 0
-
-
-@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 1.0])
-def test_dynconv_mobilenetv2_forward(density, bench_rows, bench_columns, request):
-    torch.manual_seed(0)
-    reps = max(3, request.config.getoption("--bench-reps") // 3)
-    net = models.dynconv_mobilenetv2().eval()
-    x = torch.randn(8, 3, 224, 224)
+    reps = max(spec.min_reps, request.config.getoption("--bench-reps") // spec.reps_divisor)
+    net = spec.factory(block_size=block_size).eval()
+    x = torch.randn(spec.batch, 3, spec.size, spec.size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     masks = models.block_masks(net, x, density, coherent=True)
-    t = interleaved_medians({"dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
-                             "ours": lambda: net(x_cl, masks)}, reps=reps)
+    fns = {"dense_nchw": lambda: net.forward_dense(x), "dense_cl": lambda: net.forward_dense(x_cl),
+           "ours": lambda: net(x_cl, masks)}
+    if spec.folded_baseline:
+        fns["dense_folded"] = lambda: net.forward_dense(x_cl, fold_bn=True)
+    t = interleaved_medians(fns, reps=reps)
     with torch.no_grad():
         net(x_cl, masks)
-    bench_columns["dynconv_mobilenetv2_cpu"] = COLUMNS
-    bench_rows.setdefault("dynconv_mobilenetv2_cpu", []).append(
-        _model_row("dynconv_mobilenetv2", 8, "pixel", density, t, net))
+    table = f"{name}_cpu"
+    bench_columns[table] = COLUMNS
+    kind = "pixel" if block_size == 1 else f"block{block_size}"
+    bench_rows.setdefault(table, []).append(_model_row(name, spec.batch, kind, density, t, net))
     assert t["ours"] > 0
 
 

@@ -28,7 +28,7 @@ def cmd_info(_args) -> int:
     except ImportError:
         triton_state = "triton not installed"
     print(f"  triton     {triton_state}")
-    print(f"  reference  always (pure PyTorch)")
+    print("  reference  always (pure PyTorch)")
     print(f"threads      {torch.get_num_threads()}")
     return 0
 

@@ -55,7 +55,7 @@ def test_full_mask_equals_dense_resnet():
     _randomize_bn(net)
     net.eval()
     x = torch.randn(2, 3, 32, 32)
-    masks = models.set_block_masks(net, x, density=1.0)
+    masks = models.block_masks(net, x, density=1.0)
     assert all(m.all() for m in masks)
     with torch.no_grad():
         torch.testing.assert_close(net(x, masks), net.forward_dense(x), rtol=1e-4, atol=1e-4)
@@ -67,7 +67,7 @@ def test_partial_masks_equal_masked_dense_network():
     _randomize_bn(net)
     net.eval()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    masks = models.set_block_masks(net, x, density=0.3, coherent=True)
+    masks = models.block_masks(net, x, density=0.3, coherent=True)
     with torch.no_grad():
         y = net(x, masks)
         h = net.relu(net.bn1(net.conv1(x)))
@@ -82,11 +82,11 @@ def test_executed_macs():
     net = models.dynconv_resnet32().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        net(x, models.set_block_masks(net, x, 1.0))
+        net(x, models.block_masks(net, x, 1.0))
     full = models.executed_macs(net)
     assert full["dense"] == pytest.approx(69.12e6, rel=0.01)  # ResNet-32 on CIFAR
     with torch.no_grad():
-        net(x, models.set_block_masks(net, x, 0.25))
+        net(x, models.block_masks(net, x, 0.25))
     quarter = models.executed_macs(net)
     assert (quarter["executed"] < 0.6 * full["dense"]).all()
     dens = torch.stack([s["density"] for s in quarter["per_block"]])
@@ -202,7 +202,7 @@ def test_resnet50_layout_and_full_mask():
     with torch.no_grad():
         y = net(x, models.block_masks(net, x, 1.0))
         torch.testing.assert_close(y, net.forward_dense(x), rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(net.forward_dense(x, fold_bn_=True), net.forward_dense(x), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(net.forward_dense(x, fold_bn=True), net.forward_dense(x), rtol=1e-3, atol=1e-3)
     assert models.executed_macs(net)["dense"] > 0
 
 

@@ -4,18 +4,19 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ..nn.blocks import GatedBlock
 
-def gated_blocks(model: nn.Module) -> List[nn.Module]:
-    """The gated blocks of a model (modules with a `gate` and per-forward `last_stats`), in order."""
-    return [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "last_stats")]
+
+def gated_blocks(model: nn.Module) -> List[GatedBlock]:
+    """The gated blocks of a model, in order."""
+    return [m for m in model.modules() if isinstance(m, GatedBlock)]
 
 
 def enable_inplace_residual(model: nn.Module) -> None:
     """Let every gated block of `model` update its identity tensor in place in eval. Only for containers that
     own their intermediates (nothing reads a block's input after the block), as the models here do."""
-    for m in model.modules():
-        if hasattr(m, "inplace_residual"):
-            m.inplace_residual = True
+    for m in gated_blocks(model):
+        m.inplace_residual = True
 
 
 def executed_macs(model: nn.Module) -> dict:

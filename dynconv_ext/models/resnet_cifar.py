@@ -4,8 +4,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..nn.blocks import DynBasicBlock
-from .common import block_masks, enable_inplace_residual, executed_macs  # noqa: F401  (re-exported)
+from ..nn.blocks import DynBasicBlock, dense_block_forward
+from .common import enable_inplace_residual
 
 
 class DynResNetCifar(nn.Module):
@@ -58,19 +58,9 @@ class DynResNetCifar(nn.Module):
 
         fold_bn=True folds eval-mode BN into the block convs (as the gated path does), the fairest dense baseline.
         """
-        from ..nn.blocks import fold_bn as _fold
-        import torch.nn.functional as F
         x = self.relu(self.bn1(self.conv1(x)))
         for b in self.blocks:
-            identity = x if b.downsample is None else b.downsample(x)
-            if fold_bn:
-                w1, b1 = _fold(b.conv1, b.bn1)
-                w2, b2 = _fold(b.conv2, b.bn2)
-                out = F.conv2d(x, w1, b1, b.conv1.stride, 1).relu_()
-                x = F.conv2d(out, w2, b2, 1, 1).add_(identity).relu_()
-            else:
-                out = self.relu(b.bn1(b.conv1(x)))
-                x = self.relu(b.bn2(b.conv2(out)) + identity)
+            x = dense_block_forward(b, x, fold_bn)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
 
@@ -78,9 +68,3 @@ class DynResNetCifar(nn.Module):
 def dynconv_resnet32(num_classes: int = 10, block_size: int = 1) -> DynResNetCifar:
     """CIFAR ResNet-32 with gated blocks (DynConv's CIFAR model)."""
     return DynResNetCifar(32, num_classes, block_size)
-
-
-def set_block_masks(model: DynResNetCifar, x: torch.Tensor, density: float, block_size: int = 4,
-                    coherent: bool = True, generator=None) -> List[torch.Tensor]:
-    """Random masks of a given density for every block of a CIFAR model at input x (benchmarks, tests)."""
-    return block_masks(model, x, density, coherent, generator)

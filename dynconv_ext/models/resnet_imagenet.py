@@ -3,7 +3,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..nn.blocks import DynBasicBlock, DynBottleneck, dense_block_forward
 from .common import enable_inplace_residual
@@ -54,12 +53,12 @@ class DynResNet(nn.Module):
             x = b(x, None if masks is None else masks[k])
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def forward_dense(self, x: torch.Tensor, fold_bn_: bool = False) -> torch.Tensor:
-        """The same network computed densely, gates ignored; fold_bn_=True folds eval BN into the convs."""
+    def forward_dense(self, x: torch.Tensor, fold_bn: bool = False) -> torch.Tensor:
+        """The same network computed densely, gates ignored; fold_bn=True folds eval BN into the convs."""
         x = self._stem(x)
         for i in range(1, 5):
             for b in getattr(self, f"layer{i}"):
-                x = dense_block_forward(b, x, fold_bn_)
+                x = dense_block_forward(b, x, fold_bn)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 

@@ -54,7 +54,30 @@ def block_stats(cond, cond_dense: float, shortcut: int, gate: int, active, soft)
             "soft_density": soft.mean((1, 2)) if soft is not None else None}
 
 
-class DynBasicBlock(nn.Module):
+class GatedBlock(nn.Module):
+    """What every gated block shares: its gate, mask granularity and stride, and what the last forward left
+    behind (`last_stats`, per-sample MACs and density; `last_mask`, bool [N, Ho, Wo])."""
+
+    def _init_gating(self, inplanes: int, stride: int, block_size: int) -> None:
+        self.gate = MaskUnit(inplanes, stride, block_size)
+        self.block_size, self.stride = block_size, stride
+        self.last_stats = {}
+        self.last_mask = None
+        # In eval, write the result into the identity tensor instead of a copy of it. Only safe when nobody
+        # reads the block's input afterwards: the model containers turn it on for their blocks.
+        self.inplace_residual = False
+
+    def _mask(self, x: torch.Tensor, out_hw, mask: Optional[torch.Tensor]):
+        """(mask, soft probabilities): the gate's, unless the caller gave a mask (then soft is None)."""
+        return self.gate(x, out_hw) if mask is None else (mask, None)
+
+    def _record(self, stats: dict, pix: torch.Tensor, out_hw) -> None:
+        self.last_stats = stats
+        pix = pix.reshape(pix.shape[0], *out_hw)
+        self.last_mask = (pix if pix.dtype == torch.bool else pix > 0).detach()
+
+
+class DynBasicBlock(GatedBlock):
     """ResNet basic block (3x3 conv-BN-ReLU, 3x3 conv-BN, + identity, ReLU) gated by a MaskUnit.
 
     Eval: conv1 runs on the gate's mask dilated by one pixel (conv2's halo), conv2 on the mask itself with
@@ -75,13 +98,7 @@ class DynBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.gate = MaskUnit(inplanes, stride, block_size)
-        self.block_size, self.stride = block_size, stride
-        self.last_stats = {}
-        self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
-        # In eval, write the result into the identity tensor instead of a copy of it. Only safe when nobody
-        # reads the block's input afterwards: the model containers turn it on for their blocks.
-        self.inplace_residual = False
+        self._init_gating(inplanes, stride, block_size)
 
     def dense_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -91,16 +108,13 @@ class DynBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask: optional bool [N, Hm, Wm] overriding the gate (benchmarks, tests)."""
-        n, _, h, w = x.shape
+        h, w = x.shape[-2:]
         ho, wo = -(-h // self.conv1.stride[0]), -(-w // self.conv1.stride[1])
         identity = x if self.downsample is None else self.downsample(x)
-        soft = None
-        if mask is None:
-            mask, soft = self.gate(x, (ho, wo))
+        mask, soft = self._mask(x, (ho, wo), mask)
         if self.training:
             pix = expand_block_mask(mask, self.block_size, (ho, wo)).to(x.dtype)
-            branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-            out = F.relu(identity + branch * pix)
+            out = F.relu(identity + self.dense_branch(x) * pix)
             active = pix.mean((1, 2, 3))
             dilated = F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
         else:
@@ -117,8 +131,7 @@ class DynBasicBlock(nn.Module):
                                 residual=identity, activation="relu", inplace=self.inplace_residual and not full)
             active = pix.sum((1, 2)) / float(ho * wo)
             dilated = dil.sum((1, 2)) / float(ho * wo)
-        self.last_stats = self._stats((h, w), (ho, wo), active, dilated, soft)
-        self.last_mask = (pix > 0 if pix.dtype != torch.bool else pix).detach().reshape(n, ho, wo)
+        self._record(self._stats((h, w), (ho, wo), active, dilated, soft), pix, (ho, wo))
         return out
 
     def _stats(self, in_hw, out_hw, active, dilated, soft):
@@ -141,7 +154,7 @@ def receptive_input_mask(mask: torch.Tensor, in_hw, kernel: int, stride: int, pa
     return hit[:, 0] > 0
 
 
-class DynBottleneck(nn.Module):
+class DynBottleneck(GatedBlock):
     """ResNet bottleneck (1x1, 3x3 with the stride, 1x1 x4; torchvision v1.5 layout) gated by a MaskUnit.
 
     Eval: conv1 (1x1) runs on the input pixels conv2 reads for the gate's mask, conv2 and conv3 on the mask
@@ -161,13 +174,7 @@ class DynBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
-        self.gate = MaskUnit(inplanes, stride, block_size)
-        self.block_size, self.stride = block_size, stride
-        self.last_stats = {}
-        self.last_mask = None  # bool [N, Ho, Wo] of the last forward (for pictures)
-        # In eval, write the result into the identity tensor instead of a copy of it. Only safe when nobody
-        # reads the block's input afterwards: the model containers turn it on for their blocks.
-        self.inplace_residual = False
+        self._init_gating(inplanes, stride, block_size)
 
     def conv_bn_pairs(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
@@ -183,9 +190,7 @@ class DynBottleneck(nn.Module):
         s = self.stride
         ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
         identity = x if self.downsample is None else self.downsample(x)
-        soft = None
-        if mask is None:
-            mask, soft = self.gate(x, (ho, wo))
+        mask, soft = self._mask(x, (ho, wo), mask)
         if self.training:
             pix = expand_block_mask(mask, self.block_size, (ho, wo)).to(x.dtype)
             out = F.relu(identity + self.dense_branch(x) * pix)
@@ -214,9 +219,8 @@ class DynBottleneck(nn.Module):
         c3 = self.conv3.in_channels * self.conv3.out_channels
         cond_dense = float(c1 * h * w + (c2 + c3) * ho * wo)
         cond = needed * c1 * h * w + active * (c2 + c3) * ho * wo
-        self.last_stats = block_stats(cond, cond_dense, shortcut_macs(self.downsample, ho * wo),
-                                      self.gate.macs((h, w), (ho, wo)), active, soft)
-        self.last_mask = (pix > 0 if pix.dtype != torch.bool else pix).detach().reshape(n, ho, wo)
+        self._record(block_stats(cond, cond_dense, shortcut_macs(self.downsample, ho * wo),
+                                 self.gate.macs((h, w), (ho, wo)), active, soft), pix, (ho, wo))
         return out
 
 
@@ -241,7 +245,7 @@ def conv_bn_act(inp: int, oup: int, kernel: int, stride: int = 1, groups: int = 
                          nn.BatchNorm2d(oup), nn.ReLU6(inplace=True))
 
 
-class DynInvertedResidual(nn.Module):
+class DynInvertedResidual(GatedBlock):
     """MobileNetV2 inverted residual (expand 1x1, depthwise 3x3, project 1x1) gated by a MaskUnit.
 
     Only blocks with a residual (stride 1, same channels) are gated: inactive pixels output the identity.
@@ -260,16 +264,12 @@ class DynInvertedResidual(nn.Module):
                    nn.BatchNorm2d(oup)]
         self.conv = nn.Sequential(*layers)
         self.expand = expand_ratio != 1
-        self.gate = MaskUnit(inp, 1, block_size)
-        self.block_size, self.stride, self.downsample = block_size, 1, None
-        self.last_stats, self.last_mask = {}, None
-        self.inplace_residual = False  # see DynBasicBlock
+        self._init_gating(inp, 1, block_size)
+        self.downsample = None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        soft = None
-        if mask is None:
-            mask, soft = self.gate(x, (h, w))
+        mask, soft = self._mask(x, (h, w), mask)
         mods = list(self.conv)
         exp, dw, proj, bnp = (mods[0], mods[1], mods[2], mods[3]) if self.expand else (None, mods[0], mods[1], mods[2])
         if self.training:
@@ -301,6 +301,5 @@ class DynInvertedResidual(nn.Module):
         cd, cp = hidden * 9, hidden * proj.out_channels
         cond_dense = float((ce + cd + cp) * h * w)
         cond = (dilated * ce + active * (cd + cp)) * h * w
-        self.last_stats = block_stats(cond, cond_dense, 0, self.gate.macs((h, w), (h, w)), active, soft)
-        self.last_mask = pix_b.detach()
+        self._record(block_stats(cond, cond_dense, 0, self.gate.macs((h, w), (h, w)), active, soft), pix_b, (h, w))
         return out

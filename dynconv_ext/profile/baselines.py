@@ -1,5 +1,4 @@
 """What a user would write in plain PyTorch for a masked conv: unfold, gather active columns, matmul, scatter."""
-import torch
 import torch.nn.functional as F
 
 from ..reference import expand_block_mask

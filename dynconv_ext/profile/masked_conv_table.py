@@ -133,13 +133,29 @@ def write_csv(rows: List[dict], path: str) -> None:
         writer.writerows(rows)
 
 
-def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
-    """Speedup over dense vs density, one panel per layer; returns False when matplotlib is missing."""
+def _pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, path: str, title: Optional[str]) -> None:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
+    """Speedup over dense vs density, one panel per layer; returns False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return False
     rows = [r for r in rows if r["active"] > 0]  # an empty mask has no meaningful ratio
     layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -168,21 +184,14 @@ def plot(rows: List[dict], path: str, title: Optional[str] = None) -> bool:
             ax.grid(alpha=0.3, which="both")
         axes[gi][0].set_ylabel("speedup over best dense conv")
     axes[0][len(grid[0]) - 1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path, title)
     return True
 
 
 def plot_models(tables: dict, path: str, title: Optional[str] = None) -> bool:
     """End-to-end speedup vs active density, one panel per model table ({name: rows}); False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(tables), figsize=(4.4 * len(tables), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], tables.items()):
@@ -200,9 +209,5 @@ def plot_models(tables: dict, path: str, title: Optional[str] = None) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("end-to-end speedup (dotted: MAC ratio)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path, title)
     return True
