@@ -1,11 +1,11 @@
-// CPU kernels of dynconv::masked_conv2d and dynconv::masked_conv2d_backward.
+// CPU kernels of dynconv::masked_conv2d (and its in-place residual variant) and masked_conv2d_backward.
 //
-// Forward, per tile of active output rows and per K-block of the reduction:
-//   gather the rows' receptive fields from the channels-last input into a row-major tile (fits L2)
-//   -> register-blocked GEMM against weights pre-packed in 16-column panels (tile_gemm)
-//   -> epilogue adds bias (and the residual) and writes each row straight to its output pixel.
-// Tiles run in parallel with at::parallel_for. Inactive pixels are written as 0 (or keep the residual).
-// Above `dense_threshold` active density the dense ATen convolution is faster and is used instead.
+// Forward (implicit GEMM): active output rows are taken in blocks of 6; for each tap a row pointer into the
+// channels-last input (a zero row for padding) feeds a 6x16 register-blocked microkernel (conv_block_6x16)
+// against weights pre-packed in 16-column panels, so there is no im2row copy. The epilogue adds bias, the
+// residual and the activation and writes each row straight to its output pixel; inactive pixels are zeroed
+// (or keep the residual) in the same parallel region. Above `dense_threshold` active density the dense ATen
+// convolution is faster and is used instead, then masked.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -319,23 +319,22 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
   if (n_active > 0 && density >= dense_threshold) {
     // Dense fallback: oneDNN's conv, inactive pixels zeroed in place (one pass, no expanded mask).
     at::Tensor out = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
-    if (n_active != s.out_pixels()) {
-      const at::Tensor mask_c = mask.contiguous();
+    const bool partial = n_active != s.out_pixels();
+    if (partial && !has_res) {  // with a residual, the `where` below restores inactive pixels instead
       AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_conv2d_dense_fallback", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
         const OutView ov = out_view(out);
         at::parallel_for(0, s.N * s.Ho, 16, [&](int64_t b0, int64_t e0) {
-          zero_inactive<scalar_t>(s, mask_c.data_ptr<bool>(), b0, e0, op, ov);
+          zero_inactive<scalar_t>(s, mask_cells.data_ptr<bool>(), b0, e0, op, ov);
         });
       });
     }
     if (has_res || relu) {
       // act(conv + residual) at active pixels, residual (or 0) elsewhere: add, activate, then restore.
-      at::Tensor pm = pixel_mask(mask, s);
       at::Tensor y = has_res ? out.add_(*residual) : out;
       if (act_code == 1) y.relu_();
       if (act_code == 2) y.clamp_(0, 6);
-      if (has_res && n_active != s.out_pixels()) y = at::where(pm, y, *residual);
+      if (has_res && partial) y = at::where(pixel_mask(mask_cells, s), y, *residual);
       if (inplace) return residual->copy_(y);
       return y.contiguous(input.suggest_memory_format());
     }
@@ -365,14 +364,13 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     return out;
   }
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor mask_c = mask.contiguous();
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_cpu", [&] {
     const OutView ov = out_view(out);
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     // Inactive pixels to zero (none with a residual, or when the caller leaves them unspecified).
-    const bool* zero_mask = (has_res || !zero_inactive_pixels) ? nullptr : mask_c.data_ptr<bool>();
+    const bool* zero_mask = (has_res || !zero_inactive_pixels) ? nullptr : mask_cells.data_ptr<bool>();
     if (s.Cg == 1)
       forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), weight, bp, row_ptr, n_rows, op, ov, has_res, act_code, zero_mask);
     else
