@@ -41,3 +41,23 @@ def masked_conv2d_reference(
     elif activation == "relu6":
         out = out.clamp(0, 6)
     return torch.where(pixel_mask, out, base)
+
+
+_ACT = {None: lambda t: t, "relu": torch.relu, "relu6": lambda t: t.clamp(0, 6)}
+
+
+def conv2d_into_reference(input, weight, bias, out, channel_offset, stride=1, padding=0, dilation=1, groups=1,
+                          activation=None):
+    """``out[:, off:off+C_out] = act(F.conv2d(input, weight, bias, ...))``; returns ``out`` (written in place)."""
+    y = _ACT[activation](F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    out[:, channel_offset:channel_offset + y.shape[1]].copy_(y)
+    return out
+
+
+def resize_into_reference(input, out, channel_offset):
+    """``out[:, off:off+C] = bilinear resize of input to out's size`` (align_corners=True, RANet's fusion;
+    a plain copy when the sizes agree); returns ``out`` (written in place)."""
+    y = input if tuple(input.shape[-2:]) == tuple(out.shape[-2:]) else \
+        F.interpolate(input, size=tuple(out.shape[-2:]), mode="bilinear", align_corners=True)
+    out[:, channel_offset:channel_offset + y.shape[1]].copy_(y)
+    return out

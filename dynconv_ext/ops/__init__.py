@@ -1,4 +1,7 @@
 """Documented functionals over the dynconv:: operators."""
+from .conv2d_into import conv2d_into
 from .masked_conv2d import ACTIVATIONS, BACKENDS, active_rows, dense_crossover, masked_conv2d, resolve_block_size
 
-__all__ = ["masked_conv2d", "active_rows", "resolve_block_size", "dense_crossover", "BACKENDS", "ACTIVATIONS"]
+from .resize_into import resize_into
+
+__all__ = ["masked_conv2d", "conv2d_into", "resize_into", "active_rows", "resolve_block_size", "dense_crossover", "BACKENDS", "ACTIVATIONS"]

@@ -1,0 +1,166 @@
+"""conv2d_into: a convolution written straight into a channel slice of a wider buffer (a concat without a copy).
+
+    conv2d_into(input, weight, bias, out, channel_offset, stride, padding, dilation, groups, activation)
+
+sets ``out[:, channel_offset : channel_offset + C_out] = act(F.conv2d(input, weight, bias, ...))`` in place and
+returns ``out``. Dense-connectivity networks (MSDNet, RANet, DenseNet) concatenate every layer's new features
+onto all earlier ones; with ``torch.cat`` each layer re-copies everything before it (quadratic traffic). With one
+preallocated channels-last buffer per scale, each layer instead writes its ``C_out`` new channels at the next
+offset, and the next layer reads the filled prefix ``out[:, :c]`` as its input in place: the CPU kernel reads a
+channel-slice view of a channels-last buffer without copying it.
+
+Backends (``backend=``): ``"auto"`` / ``"cpp"`` the C++ implicit-GEMM kernel (CPU; the same microkernel as
+``masked_conv2d``, all pixels active); ``"reference"`` pure PyTorch. On CUDA tensors ``"auto"`` uses the
+reference (conv then a slice copy) until GPU kernels exist.
+
+Autograd: when gradients are needed, the result is differentiable with respect to ``input``, ``weight``,
+``bias`` and the untouched part of ``out`` (the written slice's old values get no gradient); ``out`` must then
+not be a leaf that requires grad.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _extension
+from ..reference import conv2d_into_reference
+from .masked_conv2d import ACTIVATIONS, _output_size, _pair
+
+IntOr2 = Union[int, Tuple[int, int]]
+INTO_BACKENDS = ("auto", "cpp", "reference")
+
+
+def _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups):
+    name = "conv2d_into"
+    for arg, t in (("input", input), ("weight", weight), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must be 4-D, got shape {tuple(t.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{name}: bias must be [C_out={weight.shape[0]}], got {tuple(bias.shape)}")
+    for arg, t in (("weight", weight), ("bias", bias), ("out", out)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{name}: {arg} dtype {t.dtype} differs from input dtype {input.dtype}")
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but input is on {input.device}")
+    if not isinstance(groups, int) or groups < 1 or input.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"{name}: groups={groups} must divide input channels ({input.shape[1]}) and C_out "
+                         f"({weight.shape[0]})")
+    if weight.shape[1] * groups != input.shape[1]:
+        raise ValueError(f"{name}: weight expects {weight.shape[1] * groups} input channels, input has "
+                         f"{input.shape[1]}")
+    ho, wo = _output_size(input.shape[2], input.shape[3], weight.shape[2], weight.shape[3], stride, padding,
+                          dilation)
+    if out.shape[0] != input.shape[0] or tuple(out.shape[2:]) != (ho, wo):
+        raise ValueError(f"{name}: out must be [N={input.shape[0]}, C, {ho}, {wo}] (the conv's output size), "
+                         f"got {tuple(out.shape)}")
+    if not isinstance(channel_offset, int) or channel_offset < 0 or channel_offset + weight.shape[0] > out.shape[1]:
+        raise ValueError(f"{name}: channel_offset={channel_offset} + C_out={weight.shape[0]} must fit in out's "
+                         f"{out.shape[1]} channels")
+    _check_no_overlap(name, input, out, channel_offset, weight.shape[0])
+
+
+def _check_no_overlap(name, input, out, lo, c_out):
+    """Reading a channel slice of the buffer being written is the point; reading the written slice is not."""
+    if out.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        return
+    if out.stride(1) != 1 or input.stride() != out.stride():
+        raise ValueError(f"{name}: input shares out's storage; only channel slices of the same channels-last "
+                         "buffer may be read while writing")
+    in_lo = (input.data_ptr() - out.data_ptr()) // out.element_size()
+    in_hi = in_lo + input.shape[1]
+    if in_lo < lo + c_out and lo < in_hi:
+        raise ValueError(f"{name}: input (channels [{in_lo}, {in_hi}) of out) overlaps the written channels "
+                         f"[{lo}, {lo + c_out})")
+
+
+class _Conv2dIntoFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, out, channel_offset, conv_args, activation, backend):
+        ctx.mark_dirty(out)
+        _conv2d_into_raw(input.detach(), weight.detach(), None if bias is None else bias.detach(), out,
+                         channel_offset, conv_args, activation, backend)
+        written = out.narrow(1, channel_offset, weight.shape[0])
+        ctx.save_for_backward(input, weight, written.detach().clone() if activation else None)
+        ctx.conv_args, ctx.activation, ctx.offset, ctx.has_bias = conv_args, activation, channel_offset, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, y = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        c_out = weight.shape[0]
+        g = grad_out.narrow(1, ctx.offset, c_out)
+        if y is not None:
+            clipped = (y <= 0) | (y >= 6) if ctx.activation == "relu6" else (y <= 0)
+            g = g.masked_fill(clipped, 0)
+        need = ctx.needs_input_grad
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            g.contiguous(), input, weight, [c_out] if ctx.has_bias else None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [need[0], need[1], need[2] and ctx.has_bias])
+        g_out = None
+        if need[3]:
+            g_out = grad_out.clone()
+            g_out.narrow(1, ctx.offset, c_out).zero_()
+        return gi, gw, gb, g_out, None, None, None, None
+
+
+def _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend):
+    stride, padding, dilation, groups = conv_args
+    if backend == "reference" or input.device.type != "cpu" or not hasattr(torch.ops.dynconv, "conv2d_into_"):
+        return conv2d_into_reference(input, weight, bias, out, channel_offset, stride, padding, dilation, groups,
+                                     activation)
+    _extension.require_extension()
+    return torch.ops.dynconv.conv2d_into_(input, weight, bias, out, channel_offset, list(stride), list(padding),
+                                          list(dilation), groups, ACTIVATIONS[activation])
+
+
+def conv2d_into(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    channel_offset: int,
+    stride: IntOr2 = 1,
+    padding: IntOr2 = 0,
+    dilation: IntOr2 = 1,
+    groups: int = 1,
+    *,
+    activation: Optional[str] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Writes ``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` into
+    ``out[:, channel_offset : channel_offset + C_out]`` and returns ``out``.
+
+    Args:
+        input: ``[N, C, H, W]``; may be a channel slice (e.g. the filled prefix) of a channels-last buffer,
+            read in place.
+        weight: ``[C_out, C/groups, kH, kW]``; bias: ``[C_out]`` or None.
+        out: ``[N, C_total, Ho, Wo]`` buffer (channels-last for the fast path), written in place; channels outside
+            the slice are untouched.
+        channel_offset: first channel of ``out`` written.
+        activation: None, ``"relu"`` or ``"relu6"``, fused into the write.
+        backend: ``"auto"``, ``"cpp"`` or ``"reference"``.
+    """
+    if backend not in INTO_BACKENDS:
+        raise ValueError(f"conv2d_into: backend must be one of {INTO_BACKENDS}, got {backend!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"conv2d_into: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups)
+    if backend == "cpp" and input.device.type != "cpu":
+        raise ValueError(f"conv2d_into: backend='cpp' is the CPU kernel; input is on {input.device}")
+    if input.device.type == "cpu" and input.dtype not in (torch.float32, torch.float64) and backend != "reference":
+        raise TypeError(f"conv2d_into: CPU kernels support float32 and float64, got {input.dtype}")
+    conv_args = (stride, padding, dilation, groups)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, out)):
+        return _Conv2dIntoFn.apply(input, weight, bias, out, channel_offset, conv_args, activation, backend)
+    return _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend)
+
+
+if _extension.load_error() is not None or not hasattr(torch.ops.dynconv, "conv2d_into_"):
+    pass
+else:
+    @torch.library.register_fake("dynconv::conv2d_into_")
+    def _conv2d_into_fake(input, weight, bias, out, channel_offset, stride, padding, dilation, groups, activation):
+        return out
