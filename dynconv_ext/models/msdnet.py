@@ -352,17 +352,23 @@ class MSDNet(EarlyExitNet):
         return super().train(mode)
 
     @torch.no_grad()
-    def _folded(self) -> Dict[nn.Module, Tuple[torch.Tensor, torch.Tensor]]:
-        sig = tuple((t.data_ptr(), t._version, t.dtype) for t in chain(self.parameters(), self.buffers()))
+    def _folded(self, check: bool = True) -> Dict[nn.Module, Tuple[torch.Tensor, torch.Tensor]]:
+        """Folded (weight, bias) of every ConvBNReLU. ``check``: rebuild if a parameter or buffer was changed in
+        place (version counter) or converted (data pointer) since the cache was built (``begin`` checks; ``step``
+        reuses what ``begin`` validated)."""
         cache = self._fold_cache
-        if cache is None or cache[0] != sig:
+        if cache is not None and not check:
+            return cache[2]
+        tensors = cache[0] if cache is not None else list(chain(self.parameters(), self.buffers()))
+        sig = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if cache is None or cache[1] != sig:
             folded = {}
             for m in self.modules():
                 if isinstance(m, ConvBNReLU):
                     w, b = fold_bn(m.conv, m.bn)
                     folded[m] = (w.contiguous(), b.contiguous())
-            cache = self._fold_cache = (sig, folded)
-        return cache[1]
+            cache = self._fold_cache = (tensors, sig, folded)
+        return cache[2]
 
     # ------------------------------------------------------------------ the contract
 
@@ -414,7 +420,7 @@ class MSDNet(EarlyExitNet):
         feats, filled, fused = list(state["feats"]), list(state["filled"]), state["fused"]
         work = self._work(done, k)
         if fused:
-            fw = self._folded()
+            fw = self._folded(check=False)
             scratch: Dict[int, torch.Tensor] = {}
             for l, s in work:
                 self._unit_fused(l, s, feats, filled, fw, scratch)
