@@ -1,6 +1,4 @@
 """MSDNet: official parameter counts, fused (conv2d_into) path == torch.cat path, staged execution, MACs, training."""
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +13,8 @@ import dynconv_ext.models.msdnet as msdnet_module
 # run_*.sh options; main.py derives nScales = len(grFactor)). The official code was run outside this repository;
 # none of it is here.
 OFFICIAL_PARAMS = {
-    "cifar100_anytime_10blocks": 4955644,   # --nBlocks 10 --stepmode even --step 2 --base 4 --nChannels 16 (run_anytime_cifar.sh)
+    # --nBlocks 10 --stepmode even --step 2 --base 4 --nChannels 16 (run_anytime_cifar.sh)
+    "cifar100_anytime_10blocks": 4955644,
     "cifar100_anytime_7blocks": 3067960,    # the README's anytime command (--nBlocks 7)
     "cifar10_anytime_10blocks": 4839544,
     "cifar100_budgeted_5blocks": 2078924,   # --nBlocks 5 --stepmode lin_grow --step 1 --base 1 --nChannels 16

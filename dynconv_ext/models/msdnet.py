@@ -49,7 +49,9 @@ classifier ``k`` reads the coarsest scale after layer ``L_k``, which depends on 
 lazy evaluation; a sample that exits at ``k`` never pays for them). Units run layer by layer, coarse scale first
 within a layer (so a down unit always reads its finer input at the previous layer), a transition right after its
 scale's unit. ``forward`` (all exits) therefore computes every unit exactly once, as the official model does;
-``exit_macs()[k]`` is what stage ``k`` costs under this schedule (summing to the official total).
+``exit_macs()[k]`` is what stage ``k`` costs under this schedule (summing to the official total for the
+published ``prune="max"`` configurations; under ``prune="min"`` the finer scales of the last layers, which no
+classifier reads, are never computed at all).
 
 Fused inference path (``fused=True`` in eval, the default)
 -----------------------------------------------------------
@@ -399,7 +401,8 @@ class MSDNet(EarlyExitNet):
             for s in range(1, S):
                 w, b = fw[self.stem[s]]
                 prev = feats[-1][:, :self._channels(0, s - 1)]
-                buf = _alloc(x, self._capacity(0, s), _conv_out(prev.shape[2], 3, 2, 1), _conv_out(prev.shape[3], 3, 2, 1))
+                buf = _alloc(x, self._capacity(0, s), _conv_out(prev.shape[2], 3, 2, 1),
+                             _conv_out(prev.shape[3], 3, 2, 1))
                 _conv_into(prev, w, b, buf, 0, 2, 1)
                 feats.append(buf)
         else:
