@@ -54,6 +54,16 @@ TORCH_LIBRARY(dynconv, m) {
       "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor mask, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int block_size, bool[3] output_mask, float dense_threshold) "
       "-> (Tensor, Tensor, Tensor)");
+  // Writes act(conv2d(input, weight, bias)) into out[:, channel_offset : channel_offset + Co] in place (the
+  // other channels are untouched): a concat without a copy. Returns nothing, so functionalization
+  // (torch.compile) can handle the mutation. input may be a channel slice of a
+  // channels-last buffer (read in place). activation as above.
+  m.def(
+      "conv2d_into_(Tensor input, Tensor weight, Tensor? bias, Tensor(a!) out, int channel_offset, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int activation) -> ()");
+  // Writes input resampled bilinearly (align_corners=True) to out's spatial size into
+  // out[:, channel_offset : channel_offset + C] in place (a copy when the sizes agree).
+  m.def("resize_into_(Tensor input, Tensor(a!) out, int channel_offset) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

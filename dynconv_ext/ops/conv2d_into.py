@@ -61,7 +61,10 @@ def _validate(input, weight, bias, out, channel_offset, stride, padding, dilatio
 
 
 def _check_no_overlap(name, input, out, lo, c_out):
-    """Reading a channel slice of the buffer being written is the point; reading the written slice is not."""
+    """Reading a channel slice of the buffer being written is the point; reading the written slice is not.
+    (Skipped under torch.compile, which cannot trace storage pointers.)"""
+    if torch.compiler.is_compiling():
+        return
     if out.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
         return
     if out.stride(1) != 1 or input.stride() != out.stride():
@@ -107,12 +110,13 @@ class _Conv2dIntoFn(torch.autograd.Function):
 
 def _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend):
     stride, padding, dilation, groups = conv_args
-    if backend == "reference" or input.device.type != "cpu" or not hasattr(torch.ops.dynconv, "conv2d_into_"):
+    if backend == "reference" or input.device.type != "cpu":
         return conv2d_into_reference(input, weight, bias, out, channel_offset, stride, padding, dilation, groups,
                                      activation)
     _extension.require_extension()
-    return torch.ops.dynconv.conv2d_into_(input, weight, bias, out, channel_offset, list(stride), list(padding),
-                                          list(dilation), groups, ACTIVATIONS[activation])
+    torch.ops.dynconv.conv2d_into_(input, weight, bias, out, channel_offset, list(stride), list(padding),
+                                   list(dilation), groups, ACTIVATIONS[activation])
+    return out
 
 
 def conv2d_into(
@@ -158,9 +162,7 @@ def conv2d_into(
     return _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend)
 
 
-if _extension.load_error() is not None or not hasattr(torch.ops.dynconv, "conv2d_into_"):
-    pass
-else:
+if _extension.load_error() is None:
     @torch.library.register_fake("dynconv::conv2d_into_")
     def _conv2d_into_fake(input, weight, bias, out, channel_offset, stride, padding, dilation, groups, activation):
-        return out
+        return None  # mutates out only

@@ -71,10 +71,11 @@ class _ResizeIntoFn(torch.autograd.Function):
 
 
 def _resize_into_raw(input, out, channel_offset, backend):
-    if backend == "reference" or input.device.type != "cpu" or not hasattr(torch.ops.dynconv, "resize_into_"):
+    if backend == "reference" or input.device.type != "cpu":
         return resize_into_reference(input, out, channel_offset)
     _extension.require_extension()
-    return torch.ops.dynconv.resize_into_(input, out, channel_offset)
+    torch.ops.dynconv.resize_into_(input, out, channel_offset)
+    return out
 
 
 def resize_into(input: torch.Tensor, out: torch.Tensor, channel_offset: int, *, backend: str = "auto") -> torch.Tensor:
@@ -99,7 +100,7 @@ def resize_into(input: torch.Tensor, out: torch.Tensor, channel_offset: int, *, 
     return _resize_into_raw(input, out, channel_offset, backend)
 
 
-if _extension.load_error() is None and hasattr(torch.ops.dynconv, "resize_into_"):
+if _extension.load_error() is None:
     @torch.library.register_fake("dynconv::resize_into_")
     def _resize_into_fake(input, out, channel_offset):
-        return out
+        return None  # mutates out only

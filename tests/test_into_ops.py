@@ -1,0 +1,198 @@
+"""conv2d_into and resize_into (the fused concat ops) against their references: shapes, offsets, layouts,
+channel-slice inputs, gradients, opcheck, torch.compile and bad input."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv_ext.ops import conv2d_into, resize_into
+from dynconv_ext.reference import conv2d_into_reference, resize_into_reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])]
+
+
+def _conv_configs(n, seed=7):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        groups = rng.choice([1, 1, 1, 2, "dw"])
+        cg, cog = rng.choice([1, 4, 9, 24]), rng.choice([1, 6, 12, 17, 32])
+        if groups == "dw":
+            groups, cg, cog = rng.choice([3, 8]), 1, 1
+        k = rng.choice([1, 3, 3])
+        out.append(dict(n=rng.randint(1, 3), cin=cg * groups, cout=cog * groups, k=k, groups=groups,
+                        stride=rng.choice([1, 1, 2]), padding=k // 2, dilation=rng.choice([1, 1, 2]) if k > 1 else 1,
+                        h=rng.randint(3, 13), bias=rng.random() < 0.8, act=rng.choice([None, "relu", "relu6"]),
+                        in_slice=rng.random() < 0.6, cl_out=rng.random() < 0.7, pad_c=rng.randint(0, 9),
+                        id=f"conv{i}"))
+    return out
+
+
+CONV_CONFIGS = _conv_configs(32)
+
+
+def _conv_case(cfg, dtype=torch.float64, device="cpu"):
+    n, cin, h = cfg["n"], cfg["cin"], cfg["h"]
+    if cfg["in_slice"]:  # the filled prefix of a wider channels-last buffer, read in place
+        src = torch.randn(n, cin + 5, h, h, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+        x = src[:, :cin]
+    else:
+        x = torch.randn(n, cin, h, h, dtype=dtype, device=device)
+    w = torch.randn(cfg["cout"], cin // cfg["groups"], cfg["k"], cfg["k"], dtype=dtype, device=device)
+    b = torch.randn(cfg["cout"], dtype=dtype, device=device) if cfg["bias"] else None
+    ho = F.conv2d(x[:1], w, None, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]).shape[-1]
+    out = torch.randn(n, cfg["cout"] + 2 * cfg["pad_c"], ho, ho, dtype=dtype, device=device)
+    if cfg["cl_out"]:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return x, w, b, out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[c["id"] for c in CONV_CONFIGS])
+def test_conv2d_into_matches_reference(cfg, dtype, device):
+    x, w, b, out = _conv_case(cfg, dtype, device)
+    expected = conv2d_into_reference(x, w, b, out.clone(), cfg["pad_c"], cfg["stride"], cfg["padding"],
+                                     cfg["dilation"], cfg["groups"], cfg["act"])
+    before = out.clone()
+    got = conv2d_into(x, w, b, out, cfg["pad_c"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
+                      activation=cfg["act"])
+    assert got is out
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    lo, hi = cfg["pad_c"], cfg["pad_c"] + cfg["cout"]
+    assert torch.equal(out[:, :lo], before[:, :lo]) and torch.equal(out[:, hi:], before[:, hi:])  # untouched
+
+
+def test_conv2d_into_dense_concat_chain_equals_torch_cat():
+    """A DenseNet-style stack written into one buffer equals the same stack built with torch.cat."""
+    torch.manual_seed(0)
+    c0, growth, layers = 8, 6, 4
+    x = torch.randn(2, c0, 10, 10, dtype=torch.float64)
+    ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=torch.float64) * 0.2 for i in range(layers)]
+    bs = [torch.randn(growth, dtype=torch.float64) for _ in range(layers)]
+    feats = x
+    for w, b in zip(ws, bs):
+        feats = torch.cat([feats, torch.relu(F.conv2d(feats, w, b, 1, 1))], 1)
+    buf = torch.empty(2, c0 + layers * growth, 10, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    buf[:, :c0] = x
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        c = c0 + i * growth
+        conv2d_into(buf[:, :c], w, b, buf, c, 1, 1, activation="relu")
+    torch.testing.assert_close(buf, feats)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_conv2d_into_gradcheck(act):
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 7, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b, base):
+        return conv2d_into(x, w, b, base.clone(), 2, 2, 1, activation=act)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, base))
+
+
+def test_conv2d_into_gradients_equal_cat():
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 6, 6, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, requires_grad=True)
+    y_cat = torch.cat([x, torch.relu(F.conv2d(x, w, None, 1, 1))], 1)
+    g = torch.randn_like(y_cat)
+    ref = torch.autograd.grad(y_cat, (x, w), g)
+    buf = torch.zeros(2, 9, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = conv2d_into(x, w, None, resize_into(x, buf, 0), 5, 1, 1, activation="relu")
+    got = torch.autograd.grad(y, (x, w), g)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [((4, 4), (8, 8)), ((8, 8), (4, 4)), ((7, 7), (7, 7)), ((5, 3), (11, 6)),
+                                   ((1, 1), (3, 3)), ((3, 3), (1, 1)), ((16, 16), (8, 8))])
+@pytest.mark.parametrize("layout", ["cl", "nchw", "slice"])
+def test_resize_into_matches_reference(sizes, layout, dtype, device):
+    (h, w), (H, W) = sizes
+    torch.manual_seed(3)
+    if layout == "slice":
+        x = torch.randn(2, 9, h, w, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)[:, 2:7]
+    else:
+        x = torch.randn(2, 5, h, w, dtype=dtype, device=device)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.randn(2, 12, H, W, dtype=dtype, device=device)
+    if layout != "nchw":
+        out = out.contiguous(memory_format=torch.channels_last)
+    expected = resize_into_reference(x, out.clone(), 4)
+    before = out.clone()
+    assert resize_into(x, out, 4) is out
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert torch.equal(out[:, :4], before[:, :4]) and torch.equal(out[:, 9:], before[:, 9:])
+
+
+@pytest.mark.parametrize("sizes", [((3, 4), (6, 7)), ((6, 6), (3, 3)), ((4, 4), (4, 4))])
+def test_resize_into_gradcheck(sizes):
+    (h, w), (H, W) = sizes
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(1, 5, H, W, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, base: resize_into(x, base.clone(), 1), (x, base))
+
+
+def test_opcheck_into_ops():
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 4, 3, 3)
+    out = torch.zeros(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.dynconv.conv2d_into_.default,
+                          (x, w, torch.randn(3), out, 2, [1, 1], [1, 1], [1, 1], 1, 1))
+    torch.library.opcheck(torch.ops.dynconv.resize_into_.default, (torch.randn(2, 3, 3, 3), out, 4))
+
+
+def test_compile_fullgraph():
+    def net(x, w1, w2):
+        buf = torch.zeros(x.shape[0], 4 + 6 + 6, 8, 8).contiguous(memory_format=torch.channels_last)
+        resize_into(x, buf, 0)
+        conv2d_into(buf[:, :4], w1, None, buf, 4, 1, 1, activation="relu")
+        conv2d_into(buf[:, :10], w2, None, buf, 10, 1, 1, activation="relu")
+        return buf
+
+    x, w1, w2 = torch.randn(2, 4, 4, 4), torch.randn(6, 4, 3, 3), torch.randn(6, 10, 3, 3)
+    with torch.no_grad():
+        expected = net(x, w1, w2)
+        got = torch.compile(net, fullgraph=True, backend="aot_eager")(x, w1, w2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_bad_input_names_the_argument():
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3)
+    out = torch.zeros(2, 8, 6, 6)
+    with pytest.raises(ValueError, match="channel_offset"):
+        conv2d_into(x, w, None, out, 6, 1, 1)
+    with pytest.raises(ValueError, match="out must be"):
+        conv2d_into(x, w, None, torch.zeros(2, 8, 5, 5), 0, 1, 1)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        conv2d_into(x[0], w, None, out, 0, 1, 1)
+    with pytest.raises(TypeError, match="out dtype"):
+        conv2d_into(x, w, None, out.double(), 0, 1, 1)
+    with pytest.raises(ValueError, match="weight expects"):
+        conv2d_into(torch.randn(2, 5, 6, 6), w, None, out, 0, 1, 1)
+    with pytest.raises(ValueError, match="activation"):
+        conv2d_into(x, w, None, out, 0, 1, 1, activation="gelu")
+    buf = torch.zeros(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="overlaps"):
+        conv2d_into(buf[:, :4], w, None, buf, 2, 1, 1)
+    with pytest.raises(ValueError, match="channel_offset"):
+        resize_into(torch.randn(2, 4, 3, 3), out, 5)
+    with pytest.raises(ValueError, match="batch"):
+        resize_into(torch.randn(3, 4, 3, 3), out, 0)
+    with pytest.raises(ValueError, match="backend"):
+        resize_into(torch.randn(2, 4, 3, 3), out, 0, backend="triton")
+    # direct op calls are checked in C++ too
+    with pytest.raises(RuntimeError, match="channel_offset"):
+        torch.ops.dynconv.conv2d_into_(x, w, None, out, 7, [1, 1], [1, 1], [1, 1], 1, 0)
