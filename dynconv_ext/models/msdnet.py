@@ -14,17 +14,19 @@ reduction`` at a transition).
   to ``min(C_in, bnFactor[s-1] * g/2)`` channels, then 3x3/2 conv-BN-ReLU to ``g/2``) and a "normal" unit of
   ``x_s`` (1x1 bottleneck to ``min(C_in, bnFactor[s] * g/2)``, 3x3 conv-BN-ReLU to ``g/2``):
   ``cat(x_s, down(x_{s-1}), normal(x_s))`` with ``g = growthRate * grFactor[s]``. The finest kept scale has no
-  down unit (``cat(x_s, normal(x_s))`` with a normal unit of width ``g``) except at a layer that drops a scale.
+  down unit (``cat(x_s, normal(x_s))`` with a normal unit of width ``g``, bottleneck ``min(C_in, bnFactor[s] * g)``)
+  except at a layer that drops a scale.
 * ``prune="max"``: with ``interval = ceil(L / S)``, layer ``l`` reads ``S - floor(max(0, l-2) / interval)`` scales
   and writes ``S - floor((l-1) / interval)``; where it drops one, a transition follows (per kept scale a 1x1
   conv-BN-ReLU to ``floor(reduction * n)`` base channels). ``prune="min"`` (drop scales only at the end, transitions
-  at ``L/3`` and ``2L/3``) is built as the official code does but is not one of the published configurations.
+  after layers ``floor(L/3)`` and ``floor(2L/3)``) is built as the official code does but is not one of the
+  published configurations.
 * Block ``k`` is ``steps[k]`` layers (``steps = [base] + [step] * (nBlocks-1)`` for ``stepmode="even"``,
   ``[base] + [step * i + 1 for i in 1..nBlocks-1]`` for ``"lin_grow"``); classifier ``k`` follows it and reads the
   coarsest scale: CIFAR: two 3x3/2 conv-BN-ReLU of 128 channels, 2x2 average pool, Linear(128); ImageNet: the
   same with ``C`` channels (the coarsest scale's width), Linear(C).
-* Initialization: PyTorch's defaults (the official ``_init_weights`` is applied only to the blocks' top-level
-  containers, so it changes nothing there either).
+* Initialization: PyTorch's defaults (the official ``_init_weights`` is only ever handed container modules, so the
+  official model keeps PyTorch's defaults too).
 
 Configurations (``msdnet_*`` factories; values from the official ``args.py``, ``README.md`` and run scripts):
 
@@ -45,8 +47,8 @@ Staged execution (lazy evaluation)
 ----------------------------------
 ``begin(x)`` runs the first layer. ``step(state, k)`` computes only the features classifier ``k`` depends on:
 classifier ``k`` reads the coarsest scale after layer ``L_k``, which depends on scales ``S-2..S-1`` after layer
-``L_k - 1``, and so on, so the finer scales of a block's last layers are deferred to the next step (the paper's
-lazy evaluation; a sample that exits at ``k`` never pays for them). Units run layer by layer, coarse scale first
+``L_k - 1``, and so on, so the finer scales of a block's last layers are deferred to the next step (lazy
+evaluation: a sample that exits at ``k`` never pays for them). Units run layer by layer, coarse scale first
 within a layer (so a down unit always reads its finer input at the previous layer), a transition right after its
 scale's unit. ``forward`` (all exits) therefore computes every unit exactly once, as the official model does;
 ``exit_macs()[k]`` is what stage ``k`` costs under this schedule (summing to the official total for the
