@@ -214,6 +214,23 @@ def test_fold_cache_invalidation():
         torch.testing.assert_close(model(x)[-1], before)
 
 
+def test_inference_mode_then_input_gradients():
+    """Weights folded under inference_mode are refolded where autograd records; an eval forward whose input needs
+    grad runs the cat path (conv2d_into's backward keeps views of buffers that later layers append to)."""
+    model = small()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    x.requires_grad_(True)
+    out = model(x)
+    torch.testing.assert_close(out[-1].detach(), ref[-1], rtol=1e-4, atol=1e-4)
+    out[-1].sum().backward()
+    assert x.grad is not None and torch.any(x.grad != 0)
+    with torch.no_grad():
+        again = model(x.detach())
+    torch.testing.assert_close(again[-1], ref[-1], rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- staged execution
 
 @pytest.mark.parametrize("fused", [True, False])

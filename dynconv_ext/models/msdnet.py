@@ -66,7 +66,9 @@ nothing; a transition writes into the next buffer of its scale. No ``torch.cat``
 stages is ``{"feats": [buffer or None per scale], "filled": [channels per scale], "exit": last exit done,
 "fused": bool}`` (buffers no later unit reads are released), which ``keep`` restricts to a subset of samples.
 ``fused=False`` or training runs the official structure (``nn.Conv2d``/``BatchNorm2d``/``ReLU`` and ``torch.cat``)
-with the same parameters and schedule; the fused path is for inference (its folded weights are constants).
+with the same parameters and schedule, and so does an eval forward whose input requires grad (conv2d_into's
+backward keeps views of the buffers that later layers append to); the fused path is for inference (its folded
+weights are constants).
 """
 import math
 from dataclasses import dataclass
@@ -364,8 +366,9 @@ class MSDNet(EarlyExitNet):
         if cache is not None and not check:
             return cache[2]
         tensors = cache[0] if cache is not None else list(chain(self.parameters(), self.buffers()))
-        sig = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if cache is None or cache[1] != sig:
+        # weights folded under inference_mode are inference tensors, unusable where autograd records
+        sig = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (torch.is_inference_mode_enabled(),)
+        if cache is None or (cache[1] != sig and (cache[1][:-1] != sig[:-1] or cache[1][-1])):
             folded = {}
             for m in self.modules():
                 if isinstance(m, ConvBNReLU):
@@ -376,15 +379,19 @@ class MSDNet(EarlyExitNet):
 
     # ------------------------------------------------------------------ the contract
 
-    def _use_fused(self) -> bool:
-        return self.fused and not self.training
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """Fused in eval unless autograd must record through the input: conv2d_into's backward saves the prefix
+        views it read, and later appends to the same buffer would invalidate them, so that case (e.g. input
+        gradients of an eval model) runs the cat path."""
+        return self.fused and not self.training and not (torch.is_grad_enabled() and x.requires_grad)
 
     def begin(self, x: torch.Tensor) -> Dict[str, Any]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"MSDNet: input must be [N, 3, H, W], got {tuple(x.shape)}")
         S = self.num_scales
         feats: List[Optional[torch.Tensor]] = []
-        if self._use_fused():
+        fused = self._use_fused(x)
+        if fused:
             fw = self._folded()
             first = self.stem[0]
             w, b = fw[first]
@@ -415,7 +422,7 @@ class MSDNet(EarlyExitNet):
             for s in range(1, S):
                 feats.append(self.stem[s](feats[-1]))
         return {"feats": feats, "filled": [self._channels(0, s) for s in range(S)], "exit": -1,
-                "fused": self._use_fused()}
+                "fused": fused}
 
     def step(self, state: Dict[str, Any], k: int):
         done = state["exit"]
