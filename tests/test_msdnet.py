@@ -24,11 +24,12 @@ OFFICIAL_PARAMS = {
 }
 
 # Multiply-accumulates (every Conv2d: out.numel() * C_in/groups * kh * kw, every Linear: in * out; the official
-# op_counter.py formula without its ReLU / pooling / bias terms) of the official CIFAR-100 anytime model at batch 1,
+# op_counter.py formula without its ReLU / pooling / bias terms) of the official models at batch 1,
 # cumulative up to each classifier, all scales of every layer of a block computed (no lazy evaluation).
 OFFICIAL_CUM_MACS_CIFAR100_ANYTIME = [14967296, 25259008, 37467648, 51667968, 61744640, 73590784, 87206400,
                                       99483648, 109548032, 121086976]
 OFFICIAL_CUM_MACS_CIFAR100_BUDGETED = [6792704, 14209024, 27278848, 41373696, 58087936]
+OFFICIAL_CUM_MACS_IMAGENET_STEP4 = [337214464, 681654272, 1003659008, 1249626240, 1355606016]  # 224x224
 
 FACTORIES = {
     "cifar100_anytime_10blocks": lambda: msdnet_cifar(100),
@@ -287,9 +288,10 @@ def test_batch_of_one_and_empty_index(fused):
 
 def test_exit_macs_against_official_and_hand_count(anytime, budgeted):
     all_macs = {}
-    for model, official in ((anytime, OFFICIAL_CUM_MACS_CIFAR100_ANYTIME),
-                            (budgeted, OFFICIAL_CUM_MACS_CIFAR100_BUDGETED)):
-        macs = all_macs[len(official)] = model.exit_macs()
+    for name, model, official in (("anytime", anytime, OFFICIAL_CUM_MACS_CIFAR100_ANYTIME),
+                                  ("budgeted", budgeted, OFFICIAL_CUM_MACS_CIFAR100_BUDGETED),
+                                  ("imagenet", msdnet_imagenet(step=4), OFFICIAL_CUM_MACS_IMAGENET_STEP4)):
+        macs = all_macs[name] = model.exit_macs()
         assert len(macs) == model.num_exits and all(m > 0 for m in macs)
         # every unit runs exactly once over all exits: the official total
         assert sum(macs) == official[-1]
@@ -306,7 +308,7 @@ def test_exit_macs_against_official_and_hand_count(anytime, budgeted):
     down = 16 * 16 * 32 * min(32, 2 * 12) + 8 * 8 * min(32, 2 * 12) * 12 * 9   # bnFactor[1] = 2, g/2 = 12
     normal = 8 * 8 * 64 * min(64, 4 * 12) + 8 * 8 * min(64, 4 * 12) * 12 * 9  # bnFactor[2] = 4
     classifier = 4 * 4 * (64 + 24) * 128 * 9 + 2 * 2 * 128 * 128 * 9 + 128 * 100
-    assert all_macs[5][0] == first + down + normal + classifier
+    assert all_macs["budgeted"][0] == first + down + normal + classifier
     # the official (non-lazy) stage 0 also runs layer 1's scales 0 and 1
     # (bottleneck widths min(C_in, bnFactor[s] * g/2): scale 0 normal 6, scale 1 down 6 / normal 12)
     scale0 = 32 * 32 * 16 * 6 + 32 * 32 * 6 * 6 * 9
