@@ -3,6 +3,7 @@ from . import _extension
 from . import ops, reference
 from . import nn  # noqa: E402  (after ops: modules call the functionals)
 from . import models  # noqa: E402
+from . import inference  # noqa: E402
 from ._extension import build_info
 
 import torch as _torch
@@ -14,4 +15,4 @@ if _torch.cuda.is_available():  # register the Triton op up front so torch.compi
         pass
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "models", "reference", "build_info", "__version__"]
+__all__ = ["ops", "nn", "models", "inference", "reference", "build_info", "__version__"]

@@ -1,0 +1,115 @@
+"""Early-exit execution that really skips work: budgeted batches and anytime prediction."""
+import dataclasses
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..models.early_exit import EarlyExitNet
+from .calibration import confidences
+
+
+@dataclasses.dataclass
+class EarlyExitResult:
+    """Per-sample outcome of an early-exit run (all tensors have one entry per input sample)."""
+    predictions: torch.Tensor  # [N] class index
+    exits: torch.Tensor        # [N] exit index that answered
+    macs: torch.Tensor         # [N] multiply-accumulates executed for the sample (stem + stages up to its exit)
+    logits: torch.Tensor       # [N, classes] logits of the answering exit
+
+    def histogram(self, num_exits: int) -> torch.Tensor:
+        """How many samples left at each exit."""
+        return torch.bincount(self.exits, minlength=num_exits)
+
+
+class EarlyExitRunner:
+    """Runs an :class:`EarlyExitNet` so that samples leave the batch at the first confident exit.
+
+    After every classifier the samples whose confidence (largest softmax probability) reaches that exit's
+    threshold are answered and removed; the rest continue with a smaller batch, so later stages compute only
+    for them (and a stage runs only while some sample still needs it). Thresholds come from
+    :func:`~dynconv_ext.inference.calibrate_thresholds`. The answers equal those of the simulated evaluation
+    (every exit on the whole batch, thresholds replayed): :func:`~dynconv_ext.inference.simulate_exits`.
+
+    Args:
+        net: the network (put in eval mode here).
+        thresholds: [K] confidence thresholds; the last exit accepts everything regardless.
+    """
+
+    def __init__(self, net: EarlyExitNet, thresholds: Sequence[float]):
+        if not isinstance(net, EarlyExitNet):
+            raise TypeError(f"EarlyExitRunner: net must be an EarlyExitNet, got {type(net).__name__}")
+        t = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
+        if t.numel() != net.num_exits:
+            raise ValueError(f"EarlyExitRunner: thresholds has {t.numel()} entries, the net has {net.num_exits} exits")
+        self.net = net.eval()
+        self.thresholds = t
+        self._macs = {}
+
+    def stage_macs(self, input_size) -> List[int]:
+        """Per-sample MACs of each stage (entry k: reaching exit k beyond exit k-1; the stem is in entry 0)."""
+        key = tuple(input_size)
+        if key not in self._macs:
+            self._macs[key] = self.net.exit_macs(key)
+        return self._macs[key]
+
+    def cumulative_macs(self, input_size) -> torch.Tensor:
+        """[K] per-sample MACs of answering at exit k."""
+        return torch.tensor(self.stage_macs(input_size), dtype=torch.int64).cumsum(0)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> EarlyExitResult:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"EarlyExitRunner: images must be a 4-D [N, C, H, W] tensor, got "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        n, num_exits = images.shape[0], self.net.num_exits
+        cum = self.cumulative_macs(images.shape[1:])
+        preds = torch.zeros(n, dtype=torch.long)
+        exits = torch.full((n,), num_exits - 1, dtype=torch.long)
+        answer_logits: Optional[torch.Tensor] = None
+        alive = torch.arange(n)  # original indices of the samples still running
+        if n == 0:
+            return EarlyExitResult(preds, exits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0))
+        state = self.net.begin(images)
+        for k in range(num_exits):
+            state, logits = self.net.step(state, k)
+            logits = logits.cpu()
+            if answer_logits is None:
+                answer_logits = logits.new_zeros((n, logits.shape[1]))
+            done = torch.ones(len(alive), dtype=torch.bool) if k == num_exits - 1 else \
+                confidences(logits.unsqueeze(0))[0] >= self.thresholds[k]
+            if done.any():
+                idx = alive[done]
+                preds[idx] = logits[done].argmax(dim=1)
+                exits[idx] = k
+                answer_logits[idx] = logits[done]
+            if done.all():
+                break
+            if done.any():  # shrink the batch: later stages compute only for the samples still running
+                keep = torch.nonzero(~done).flatten()
+                state = self.net.keep(state, keep.to(images.device))
+                alive = alive[keep]
+        return EarlyExitResult(preds, exits, cum[exits], answer_logits)
+
+    @torch.inference_mode()
+    def anytime(self, images: torch.Tensor, exit: Optional[int] = None, budget: Optional[float] = None
+                ) -> EarlyExitResult:
+        """Anytime prediction: stop every sample at exit ``exit``, or at the deepest exit whose per-sample MACs
+        fit in ``budget``. Stages after it are not computed."""
+        num_exits = self.net.num_exits
+        cum = self.cumulative_macs(images.shape[1:])
+        if (exit is None) == (budget is None):
+            raise ValueError("anytime: give exactly one of exit= or budget=")
+        if budget is not None:
+            fits = torch.nonzero(cum <= budget).flatten()
+            if fits.numel() == 0:
+                raise ValueError(f"anytime: budget={budget:.4g} MACs is below the first exit's {int(cum[0])}")
+            exit = int(fits[-1])
+        if not 0 <= exit < num_exits:
+            raise ValueError(f"anytime: exit must be in [0, {num_exits}), got {exit}")
+        n = images.shape[0]
+        state = self.net.begin(images)
+        for k in range(exit + 1):
+            state, logits = self.net.step(state, k)
+        logits = logits.cpu()
+        return EarlyExitResult(logits.argmax(dim=1), torch.full((n,), exit, dtype=torch.long),
+                               torch.full((n,), int(cum[exit]), dtype=torch.int64), logits)

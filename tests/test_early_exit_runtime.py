@@ -1,0 +1,147 @@
+"""The early-exit runtime: calibrated thresholds hit the prior, runtime answers equal the simulated evaluation,
+the batch really shrinks, anytime prediction, edge cases and bad input."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynconv_ext import models
+from dynconv_ext.inference import (EarlyExitRunner, calibrate_thresholds, confidences, exit_prior, simulate_exits,
+                                   thresholds_from_confidences)
+from dynconv_ext.models.early_exit import EarlyExitNet
+
+
+class ToyNet(EarlyExitNet):
+    """Three exits over a running feature vector; records the batch size every stage saw."""
+    num_exits = 3
+    input_size = (3, 4, 4)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Linear(8, 5) for _ in range(3))
+        self.seen = []
+
+    def begin(self, x):
+        return {"x": torch.relu(self.stem(x))}
+
+    def step(self, state, k):
+        self.seen.append((k, state["x"].shape[0]))
+        x = torch.relu(self.stages[k](state["x"]))
+        return {"x": x}, self.heads[k](x.mean((2, 3))) * 4
+
+
+def test_exit_prior_is_geometric():
+    q = exit_prior(0.5, 4)
+    torch.testing.assert_close(q.sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(q[1:] / q[:-1], torch.full((3,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(exit_prior(1.0, 5), torch.full((5,), 0.2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="p must be > 0"):
+        exit_prior(0.0, 3)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 1.0, 1.5])
+def test_thresholds_hit_the_prior_on_the_calibration_set(p):
+    torch.manual_seed(1)
+    k, n = 6, 1000
+    conf = torch.rand(k, n, dtype=torch.float64)  # distinct values: no ties
+    q = exit_prior(p, k)
+    t = thresholds_from_confidences(conf, q)
+    passes = conf >= t.unsqueeze(1)
+    passes[-1] = True
+    counts = torch.bincount(passes.to(torch.int8).argmax(0), minlength=k)
+    expected = [math.floor(n * float(qk)) for qk in q[:-1]]
+    assert counts[:-1].tolist() == expected
+    assert int(counts.sum()) == n
+
+
+def test_runtime_equals_simulation_and_shrinks_the_batch():
+    net = ToyNet().double()
+    x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
+    th = calibrate_thresholds(net, x, prior=0.8)
+    run = EarlyExitRunner(net, th)
+    run.cumulative_macs(x.shape[1:])
+    net.seen.clear()
+    out = run(x)
+    seen = dict(net.seen)
+    with torch.no_grad():
+        logits = net(x)
+    exits, preds = simulate_exits(logits, th)
+    assert torch.equal(out.exits, exits) and torch.equal(out.predictions, preds)
+    hist = out.histogram(3)
+    assert hist.tolist() == torch.bincount(exits, minlength=3).tolist()
+    # stage k ran on exactly the samples that had not left before it
+    assert seen[0] == 40 and seen[1] == 40 - int(hist[0]) and seen[2] == 40 - int(hist[:2].sum())
+    cum = torch.tensor(net.exit_macs()).cumsum(0)
+    assert torch.equal(out.macs, cum[out.exits])
+    for i in range(40):
+        torch.testing.assert_close(out.logits[i], logits[out.exits[i]][i])
+
+
+def test_all_confident_at_first_exit_runs_one_stage():
+    net = ToyNet()
+    run = EarlyExitRunner(net, [-math.inf, -math.inf, -math.inf])
+    run.cumulative_macs((3, 4, 4))  # counting MACs runs the stages once on one sample
+    net.seen.clear()
+    out = run(torch.randn(5, 3, 4, 4))
+    assert net.seen == [(0, 5)] and out.exits.tolist() == [0] * 5
+
+
+def test_batch_of_one_and_empty_batch():
+    net = ToyNet()
+    run = EarlyExitRunner(net, [math.inf, math.inf, -math.inf])
+    one = run(torch.randn(1, 3, 4, 4))
+    assert one.exits.tolist() == [2] and one.predictions.shape == (1,)
+    empty = run(torch.randn(0, 3, 4, 4))
+    assert empty.predictions.numel() == 0 and empty.exits.numel() == 0
+
+
+def test_anytime_exit_and_budget():
+    net = ToyNet()
+    x = torch.randn(6, 3, 4, 4)
+    run = EarlyExitRunner(net, [0.5, 0.5, 0.0])
+    with torch.no_grad():
+        logits = net(x)
+    a = run.anytime(x, exit=1)
+    assert torch.equal(a.predictions, logits[1].argmax(1)) and a.exits.tolist() == [1] * 6
+    cum = run.cumulative_macs(x.shape[1:])
+    b = run.anytime(x, budget=float(cum[1]) + 1)
+    assert b.exits.tolist() == [1] * 6
+    with pytest.raises(ValueError, match="budget"):
+        run.anytime(x, budget=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        run.anytime(x)
+    with pytest.raises(ValueError, match="exit must be"):
+        run.anytime(x, exit=3)
+
+
+def test_bad_input():
+    net = ToyNet()
+    with pytest.raises(ValueError, match="thresholds has 2 entries"):
+        EarlyExitRunner(net, [0.1, 0.2])
+    with pytest.raises(TypeError, match="EarlyExitNet"):
+        EarlyExitRunner(nn.Linear(2, 2), [0.1])
+    with pytest.raises(ValueError, match="4-D"):
+        EarlyExitRunner(net, [0.1, 0.2, 0.3])(torch.randn(3, 4, 4))
+    with pytest.raises(ValueError, match="prior"):
+        thresholds_from_confidences(torch.rand(3, 10), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
+def test_real_networks_runtime_equals_simulation(factory):
+    """On MSDNet and RANet (fused path, float64): same exits and predictions as replaying thresholds over all
+    exits, and each sample's logits equal its exit's logits from the full forward."""
+    torch.manual_seed(0)
+    net = factory(num_classes=10).double().eval()
+    x = torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = net(x)
+    th = thresholds_from_confidences(confidences(logits), exit_prior(0.8, net.num_exits))
+    out = EarlyExitRunner(net, th)(x)
+    exits, preds = simulate_exits(logits, th)
+    assert torch.equal(out.exits, exits) and torch.equal(out.predictions, preds)
+    for i in range(12):
+        torch.testing.assert_close(out.logits[i], logits[out.exits[i]][i], rtol=1e-9, atol=1e-9)
