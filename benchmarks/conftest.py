@@ -44,6 +44,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                         f"{format_markdown(rows, cols)}\n")
             if cols is None or cols == COLUMNS:
                 plot(rows, os.path.join(out, f"{name}.png"), title=machine)
+            elif name == "early_exit_budgeted_cpu":
+                from dynconv_ext.profile.early_exit_table import plot_budgeted
+                plot_budgeted(rows, os.path.join(out, f"{name}.png"), title=machine)
             terminalreporter.write_line(f"wrote {out}/{name}.{{md,csv}}")
     models = {n: r for n, r in _TABLES.items() if n.startswith("dynconv_") and not n.endswith("trained_cpu")}
     if out and models:
