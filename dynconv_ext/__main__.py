@@ -1,4 +1,4 @@
-"""Command line: `python -m dynconv_ext info | bench | crossover`."""
+"""Command line: `python -m dynconv_ext info | bench | crossover | exits`."""
 import argparse
 import os
 import sys
@@ -74,6 +74,33 @@ def cmd_crossover(args) -> int:
     return 0
 
 
+def cmd_exits(args) -> int:
+    """Early-exit networks: fused concat ops vs torch.cat, and budgeted batches vs every exit."""
+    from dynconv_ext.profile import machine_description
+    from dynconv_ext.profile import early_exit_table as eet
+    from dynconv_ext.profile.masked_conv_table import format_markdown, write_csv
+    torch.set_num_threads(args.threads)
+    machine = machine_description()
+    print(f"early-exit networks, float32, CIFAR size, batch {args.batch}; {machine}", flush=True)
+    fused, budget = [], []
+    for name in args.models:
+        fused.append(eet.measure_fused_vs_cat(name, batch=args.batch, reps=args.reps))
+        print(format_markdown(fused[-1:], eet.FUSED_COLUMNS), flush=True)
+        budget += eet.measure_budgeted(name, priors=args.priors, batch=args.batch, reps=args.reps)
+    tables = {"early_exit_fused_cpu": (fused, eet.FUSED_COLUMNS), "early_exit_budgeted_cpu": (budget, eet.BUDGET_COLUMNS)}
+    for name, (rows, cols) in tables.items():
+        print(f"\n{name}\n{format_markdown(rows, cols)}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            write_csv(rows, os.path.join(args.out, f"{name}.csv"))
+            with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+                f.write(f"# {name}\n\nMachine: {machine}\n\nCommand: `python -m dynconv_ext exits "
+                        f"{' '.join(sys.argv[2:])}`\n\n{format_markdown(rows, cols)}\n")
+    if args.out and eet.plot_budgeted(budget, os.path.join(args.out, "early_exit_budgeted_cpu.png"), title=machine):
+        print(f"plot: {os.path.join(args.out, 'early_exit_budgeted_cpu.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynconv_ext", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -92,8 +119,16 @@ def main(argv=None) -> int:
     c.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     c.add_argument("--reps", type=int, default=15)
     c.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    e = sub.add_parser("exits", help="MSDNet/RANet: fused vs torch.cat, budgeted batch vs all exits")
+    e.add_argument("--models", nargs="+", default=["msdnet_cifar", "ranet_cifar"],
+                   choices=["msdnet_cifar", "msdnet_cifar_budgeted", "ranet_cifar"])
+    e.add_argument("--batch", type=int, default=256)
+    e.add_argument("--priors", type=float, nargs="+", default=[0.5, 0.8, 1.0, 1.2])
+    e.add_argument("--reps", type=int, default=5)
+    e.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    e.add_argument("--out", help="folder for .csv, .md and .png results")
     args = p.parse_args(argv)
-    return {"info": cmd_info, "bench": cmd_bench, "crossover": cmd_crossover}[args.cmd](args)
+    return {"info": cmd_info, "bench": cmd_bench, "crossover": cmd_crossover, "exits": cmd_exits}[args.cmd](args)
 
 
 if __name__ == "__main__":
