@@ -28,7 +28,12 @@ order of the exits follow the official PyTorch implementation, github.com/yangle
     ``floor(C * compress_factor)`` channels);
   - a block may end with a transition ``ConvBasic_1x1`` to ``floor(reduction * C)`` channels.
 * ``classifier[k]``: CIFAR two 3x3/2 conv-BN-ReLU of 128 channels, 2x2 average pool, linear; ImageNet the same
-  with ``C`` channels (the block's output width).
+  with ``C`` channels (the block's output width). As in the official model the linear layer expects the pooled map
+  to be 1x1: 32x32 inputs on CIFAR, 224x224 on ImageNet (the coarsest flow at 7x7).
+
+The ``state_dict`` keys are those of the official model, in the same order, so its checkpoints load directly (strip
+the ``module.`` prefix of ``DataParallel``); with the same weights the unfused path reproduces the official outputs
+bit for bit, and the fused path to float64 rounding (checked once against the official code).
 
 Factories (configurations of the official scripts):
 
@@ -479,6 +484,8 @@ class RANet(EarlyExitNet):
     # ------------------------------------------------------------------------------------------------------------
 
     def begin(self, x: torch.Tensor) -> Any:
+        """The first layer: every scale's base features (NCHW or channels-last input). The path (fused or not) is
+        chosen here and kept by the state."""
         fused = bool(self.fused and not self.training)
         state = {"fused": fused, "bufs": {}, "next": 0,
                  "flows": [{"x": None, "done": 0, "low": []} for _ in range(self.n_scales)]}
@@ -510,6 +517,8 @@ class RANet(EarlyExitNet):
         return state
 
     def step(self, state: Any, k: int):
+        """Advances exit k's scale flow to exit k's block (first, as far as its fusion blocks read, the coarser
+        flows), then runs classifier k. Exits may be skipped, not revisited."""
         if not 0 <= k < self.num_exits:
             raise IndexError(f"RANet.step: exit {k} out of range [0, {self.num_exits})")
         state = {**state, "bufs": dict(state["bufs"]),
