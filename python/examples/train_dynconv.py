@@ -17,95 +17,17 @@ the dense MACs, and the measured latency of a batch in eval mode (where skipped 
 import argparse
 import csv
 import os
-import pickle
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from dynconv_ext import models
 from dynconv_ext.nn import SparsityCriterion
-
-MEAN, STD = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1), torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
-
-
-def load_digits(seed: int):
-    from sklearn.datasets import load_digits as sk_digits
-    d = sk_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = (x - MEAN) / STD, y
-    cut = int(0.8 * len(y))
-    tr, va = perm[:cut], perm[cut:]
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), 10
-
-
-def load_cifar(root: str, classes: int):
-    def read(name):
-        with open(os.path.join(root, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = torch.tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32).float() / 255.0
-        y = torch.tensor(d[b"labels"] if b"labels" in d else d[b"fine_labels"], dtype=torch.long)
-        return (x - MEAN) / STD, y
-    if classes == 10:
-        parts = [read(f"data_batch_{i}") for i in range(1, 6)]
-        train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        val = read("test_batch")
-    else:
-        train, val = read("train"), read("test")
-    return TensorDataset(*train), TensorDataset(*val), classes
-
-
-def load_imagefolder(root: str):
-    from torchvision import datasets, transforms
-    norm = transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())
-    train = datasets.ImageFolder(os.path.join(root, "train"), transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]))
-    val = datasets.ImageFolder(os.path.join(root, "val"), transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm]))
-    return train, val, len(train.classes)
-
-
-def load_data(spec: str, seed: int):
-    kind, _, path = spec.partition(":")
-    if kind == "digits":
-        return load_digits(seed)
-    if kind in ("cifar10", "cifar100"):
-        if not os.path.isdir(path):
-            raise SystemExit(f"--data {spec}: folder {path!r} not found (it must hold the python pickle batches)")
-        return load_cifar(path, 10 if kind == "cifar10" else 100)
-    if kind == "imagefolder":
-        if not os.path.isdir(os.path.join(path, "train")):
-            raise SystemExit(f"--data {spec}: expected {path}/train and {path}/val class folders")
-        return load_imagefolder(path)
-    raise SystemExit(f"--data: unknown kind {kind!r} (digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR)")
-
-
-def augment(x: torch.Tensor) -> torch.Tensor:
-    """Random crop (pad 4) and horizontal flip, on a batch of tensors (for the 32x32 data sets)."""
-    if x.shape[-1] != 32:
-        return x
-    n = x.shape[0]
-    padded = F.pad(x, (4, 4, 4, 4))
-    i, j = torch.randint(0, 9, (2,))
-    x = padded[:, :, i:i + 32, j:j + 32]
-    flip = torch.rand(n) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def progress(iterable, enabled, **kw):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-        return tqdm(iterable, **kw)
-    except ImportError:
-        return iterable
+from example_data import MEAN, STD, augment, load_data, progress
 
 
 @torch.no_grad()
