@@ -13,9 +13,32 @@ import shutil
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _set_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; where nvcc is a wrapper script (e.g. /usr/local/bin/nvcc) that
+    guess has no lib64/libcudart.so and the link fails. Point CUDA_HOME at a toolkit that has one instead."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guesses = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    guesses.append("/usr/local/cuda")
+
+    def has_cudart(home):
+        return bool(glob.glob(os.path.join(home, "lib64", "libcudart.so*")) or
+                    glob.glob(os.path.join(home, "targets", "*", "lib", "libcudart.so*")))
+
+    if guesses and not has_cudart(guesses[0]):
+        for home in guesses[1:]:
+            if os.path.isfile(os.path.join(home, "bin", "nvcc")) and has_cudart(home):
+                os.environ["CUDA_HOME"] = home
+                return
+
+
+_set_cuda_home()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def want_cuda():

@@ -1,8 +1,10 @@
 """The extension is built, registered, and reports its configuration."""
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dynconv_ext
@@ -21,9 +23,26 @@ def test_build_info_matches_torch():
 
 def test_cuda_kernels_registered_when_built_with_cuda():
     if not dynconv_ext.build_info()["cuda"]:
-        import pytest
-        pytest.skip("extension built without CUDA sources")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("dynconv::masked_conv2d", "CUDA")
+        pytest.skip("extension built without CUDA sources (build_info cuda=0)")
+    for op in ("masked_conv2d", "masked_conv2d_residual_", "masked_conv2d_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynconv::{op}", "CUDA"), op
+
+
+def test_ci_builds_cuda_sources_when_toolkit_present():
+    """In CI, a machine with nvcc and a CUDA build of torch must produce cuda=1: a silently skipped CUDA
+    build (setup.py falling back to the CPU-only extension) fails here instead of passing unnoticed."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("only checked in CI (CI=true)")
+    if os.environ.get("DYNCONV_EXT_CUDA") == "0":
+        pytest.skip("CUDA sources switched off with DYNCONV_EXT_CUDA=0")
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build: no CUDA sources are compiled")
+    from torch.utils.cpp_extension import CUDA_HOME
+    if shutil.which("nvcc") is None and CUDA_HOME is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine: no CUDA sources are compiled")
+    assert dynconv_ext.build_info()["cuda"], (
+        "nvcc and a CUDA torch are present but dynconv_ext was built without its CUDA kernels "
+        f"(build_info: {dynconv_ext.build_info()})")
 
 
 def test_info_command_runs():

@@ -16,10 +16,13 @@ Masks
 
 Backends (``backend=``)
     ``"auto"``      CPU: the C++ kernel, which computes densely and masks above the measured crossover
-                    density where that is faster. CUDA: the CUDA C++ kernel when built, else the reference
+                    density where that is faster. CUDA: the CUDA C++ kernel when built (dense cuDNN conv
+                    then mask at and above an *unmeasured* placeholder crossover of 0.5 active density;
+                    deciding reads the active count on the host, one sync per call), else the reference
                     (the Triton kernel is opt-in until it has been measured on a GPU)
     ``"cpp"``       the CPU gather-GEMM-scatter kernel at every density (no dense fallback)
-    ``"cuda"``      the CUDA C++ kernel (not built yet: raises)
+    ``"cuda"``      the CUDA C++ implicit-GEMM kernel at every density (no dense fallback, no host sync:
+                    CUDA-graph capturable); float32/64, float16, bfloat16. Raises where it is not built
     ``"triton"``    the Triton forward kernel (CUDA tensors; backward through dense gradient functions)
     ``"dense"``     dense convolution then masking, through the same op
     ``"reference"`` pure PyTorch (``dynconv_ext.reference``), differentiable by autograd
@@ -48,6 +51,11 @@ IntOr2 = Union[int, Tuple[int, int]]
 _CPU_CROSSOVER_KXK = 0.9
 _CPU_CROSSOVER_1X1 = {"narrow": 0.45, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
+# CUDA: a conservative PLACEHOLDER, not measured yet (no GPU was available when the CUDA kernel was
+# written). The CUDA C++ kernel is a SIMT implicit GEMM while cuDNN uses tensor cores, so it is unlikely
+# to win above half density; replace with the crossover from benchmarks/test_masked_conv2d_gpu_bench.py.
+# A threshold <= 1 makes the op read the active count on the host (one sync per call).
+_CUDA_CROSSOVER = 0.5
 _NEVER = 2.0  # a density above 1: always sparse
 
 
@@ -57,7 +65,10 @@ def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> 
     Args:
         weight_shape: the conv weight's shape ``[C_out, C_in/groups, kH, kW]``.
         out_pixels: ``N * Ho * Wo`` of the output.
+        device_type: ``"cpu"`` (measured), ``"cuda"`` (an unmeasured placeholder), other devices: never dense.
     """
+    if device_type == "cuda":
+        return _CUDA_CROSSOVER  # unmeasured placeholder (see above)
     if device_type != "cpu":
         return _NEVER
     if tuple(weight_shape[-2:]) == (1, 1):
@@ -223,7 +234,9 @@ def masked_conv2d(
             there is no residual: for intermediates that are only ever read where they were computed (the
             hidden tensors of a gated block). Saves a memory pass; never use it for a tensor users see.
         rows: the mask's index map from :func:`active_rows`, when several convs of a block share one mask
-            (built once, used by each); checked against the mask's count. CPU backends only.
+            (built once, used by each). ``"cpp"``: a CPU tensor, checked against the mask's count;
+            ``"cuda"``: a CUDA int64 tensor on the input's device, *not* checked against the mask (that would
+            need a host sync); when omitted the CUDA kernel compacts the mask on the device itself.
         inplace: with a residual, write the result into ``residual`` and return it: only active pixels are
             touched (no copy of the residual). Inference only: refuses tensors that require grad.
 
@@ -266,8 +279,10 @@ def masked_conv2d(
     if backend == "cpp" and not on_cpu:
         raise ValueError(f"masked_conv2d: backend='cpp' is the CPU kernel; input is on {input.device}")
     if backend == "cuda" and not _has_device_kernel("cuda"):
-        raise ValueError("masked_conv2d: backend='cuda': the CUDA C++ kernels are not built in this version "
-                         "(use 'triton' or 'reference')")
+        raise ValueError("masked_conv2d: backend='cuda': this build of dynconv_ext has no CUDA C++ kernels "
+                         "(rebuild with nvcc on PATH, or use 'triton' or 'reference')")
+    if backend == "cuda" and input.device.type != "cuda":
+        raise ValueError(f"masked_conv2d: backend='cuda' needs CUDA tensors; input is on {input.device}")
     if backend == "triton":
         from ..reference import expand_block_mask
         from ..triton import ops as _triton_ops  # noqa: F401  (registers dynconv::masked_conv2d_triton)
@@ -289,7 +304,7 @@ def masked_conv2d(
     if backend == "auto":
         threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, input.device.type)
     else:
-        threshold = {"cpp": _NEVER, "dense": 0.0}[backend]
+        threshold = {"cpp": _NEVER, "cuda": _NEVER, "dense": 0.0}[backend]
     if inplace:
         return torch.ops.dynconv.masked_conv2d_residual_(
             input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,

@@ -11,7 +11,7 @@ pip install --no-build-isolation . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/b
 python -m dynconv_ext info | tee "$OUT/info.txt"
 # Tests, CUDA included (CPU benchmarks deselected).
 python -m pytest -q -x tests 2>&1 | tail -30 | tee "$OUT/tests.txt"
-# Memory and race checks of the GPU tests (Triton kernels launch through the CUDA driver).
+# Memory and race checks of the GPU tests (the Triton and the CUDA C++ kernels).
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --target-processes all python -m pytest -q -x tests/test_gpu.py \
