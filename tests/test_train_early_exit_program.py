@@ -72,6 +72,9 @@ def test_msdnet_trains_evaluates_and_reloads(tmp_path):
     assert "exit histogram at p=0.7" in res.stdout
     _check_evaluation(out, num_exits=5, num_priors=5)
     assert len(_csv(out, "log.csv")) == 2  # --eval-only leaves the training log alone
+    # Continue training from the checkpoint for one more (short) epoch.
+    _run(["--model", "msdnet_cifar_budgeted", "--resume", "--epochs", "3", "--steps", "2", "--out", out] + QUICK)
+    assert [r["epoch"] for r in _csv(out, "log.csv")] == ["1", "2", "3"]
 
 
 def test_ranet_quick_run(tmp_path):
@@ -96,6 +99,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     (["--data", "cifar10:/nonexistent"], "not found"),
     (["--priors", "0.5,-1"], "must be > 0"),
     (["--eval-only"], "not found"),
+    (["--model", "msdnet_imagenet"], "takes 224x224 images"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     res = subprocess.run([sys.executable, PROGRAM, "--out", str(tmp_path / "bad"), "--no-progress"] + args,
