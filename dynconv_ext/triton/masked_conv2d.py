@@ -363,8 +363,7 @@ if TRITON_AVAILABLE:
         pm = pixel_mask.reshape(-1).contiguous()
         conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
         ieee = _use_ieee(input.dtype)
-        empty = input.new_empty((0,))
-        gi = gw = gb = empty
+        gi, gw, gb = (input.new_empty((0,)) for _ in range(3))  # distinct: outputs of an op may not alias
         if output_mask[0]:
             q = n * h * w
             touched = torch.empty(q, dtype=torch.bool, device=input.device)
@@ -397,7 +396,7 @@ if TRITON_AVAILABLE:
                 p, h, w, c, ho, wo, co, cg, cog, *conv,
                 KH=kh, KW=kw, HAS_W=has_w, HAS_BIAS=bool(output_mask[2]), ACT=act, IEEE=ieee)
             if has_w:
-                gw = unpack_weight_grad(gw32, weight.shape, groups).to(weight.dtype)
+                gw = unpack_weight_grad(gw32, weight.shape, groups).to(weight.dtype).contiguous()
             if output_mask[2]:
                 gb = gb32.to(weight.dtype)
         return gi, gw, gb
