@@ -100,6 +100,17 @@ BACKWARD = PRELUDE + textwrap.dedent(r"""
                     torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-4)
                 else:
                     assert t.numel() == 0
+
+    # opcheck's checks that do not trace into the kernels (under the interpreter wrap_triton cannot turn a kernel
+    # launch into a graph node, so AOT-dispatch tracing would see launches skipped; the GPU suite runs them all)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, wt, b = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3), torch.randn(16)
+    pm, r = torch.rand(2, 6, 6) < 0.5, torch.randn(2, 16, 6, 6)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.dynconv.masked_conv2d_triton.default, (x, wt, b, pm, *conv, r, 2), test_utils=utils)
+    y = torch.ops.dynconv.masked_conv2d_triton(x, wt, b, pm, *conv, r, 2)
+    torch.library.opcheck(torch.ops.dynconv.masked_conv2d_triton_backward.default,
+                          (torch.randn_like(y), x, wt, pm, y, *conv, 2, [True, True, True]), test_utils=utils)
     print(f"OK {len(cases)} cases")
 """)
 

@@ -310,8 +310,24 @@ if TRITON_AVAILABLE:
             tl.store(gi_ptr + pix[:, None] * C + g * Cg + offs_n[None, :], acc.to(gi_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
 
+    class _InterpretedLaunch:
+        """Under TRITON_INTERPRET=1 wrap_triton hands the kernel back as is, so a launch with fake tensors (the
+        triton_op's fake kernel is its Python function, run on FakeTensors, also wrapped as FunctionalTensors, by opcheck and torch.compile) would run
+        the interpreter on them: skip such launches (the outputs' shapes are already allocated)."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                from torch._subclasses.fake_tensor import is_fake  # also sees through functional wrappers
+                if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                    return None
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
     def _launch(kernel):
-        return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+        return _InterpretedLaunch(kernel) if INTERPRET else torch.library.wrap_triton(kernel)
 
     def _use_ieee(dtype) -> bool:
         return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
