@@ -1,14 +1,32 @@
-"""Triton forward kernel of masked_conv2d: implicit GEMM over the active output rows.
+"""Triton kernels of masked_conv2d: implicit GEMMs over the active output rows, forward and backward.
 
 Data flow (no host synchronisation, so CUDA graphs and torch.compile can capture it):
   pixel mask [N*Ho*Wo] -> `compact_rows`: cumsum + scatter into a fixed-capacity buffer (active rows
   first, raster order) and the active count as a device tensor -> a grid sized for the capacity whose
-  programs past the count exit at once -> each program gathers BLOCK_M rows' receptive fields from the
-  channels-last input tap by tap (the gather is the operand load), multiplies by the packed weights
-  with tl.dot, adds bias, and adds the result onto the output rows (zeros, or the residual).
+  programs past the count exit at once.
 
-`masked_conv2d_triton` is the launcher; under TRITON_INTERPRET=1 it runs on CPU tensors (how CI checks
-it). On CUDA it is registered as the op dynconv::masked_conv2d_triton through torch.library.triton_op.
+Forward (`_masked_conv2d_fwd_kernel`): each program gathers BLOCK_M rows' receptive fields from the
+channels-last input tap by tap (the gather is the operand load), multiplies by the packed weights with
+tl.dot (fp32 accumulation), and in the epilogue adds bias and the residual, applies the activation
+(0 none, 1 ReLU, 2 ReLU6) and stores the active rows. Inactive rows of the output are zeros, or the
+residual (a copy made before the launch); the kernel reads the residual, never the output, so a rerun
+(autotuning runs every config on the same buffers) gives the same result.
+
+Backward (the gradient counts only at active pixels and, with a fused activation, where the saved output
+shows the activation did not clip; both are applied as the kernels load grad_output):
+  * `_masked_conv2d_bwd_weight_kernel`: grad_weight = A^T G over the active rows (A gathered from the
+    input as in the forward), per tile (tap, input-channel block, output-channel block) of the packed
+    weight; SPLIT programs share the rows and add their fp32 partial sums atomically into an fp32 buffer
+    (reset_to_zero for autotuning); grad_bias (column sums of G) is fused in. Not bitwise deterministic.
+  * `_touched_inputs_kernel` marks the input pixels some active output reads; `compact_rows` lists them;
+    `_masked_conv2d_bwd_input_kernel` pulls each such pixel's gradient (sum over taps of G rows of the
+    output pixels that read it times the tap's transposed weights) in fp32 registers and stores it once:
+    no atomics, deterministic. Pixels nobody reads stay zero.
+Groups are the grid's third axis in every kernel (depthwise works but wastes most of a >= 16-wide tile).
+
+`masked_conv2d_triton` and `masked_conv2d_triton_backward` are the launchers; under TRITON_INTERPRET=1 they
+run on CPU tensors (how CI checks them). They are registered as the ops dynconv::masked_conv2d_triton and
+dynconv::masked_conv2d_triton_backward through torch.library.triton_op (ops.py).
 """
 import os
 
