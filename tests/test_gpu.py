@@ -36,6 +36,9 @@ def test_triton_backward_matches_reference():
 
 # The first call of each shape autotunes (several configs run on the same buffers): these shapes are fresh keys,
 # so the checks also cover the residual (read, never accumulated into) and reset_to_zero of the atomic buffers.
+# The fp32 and fp16 relu cases of case0, case3 and case4 passed under TRITON_INTERPRET=1 on CPU tensors (once,
+# by hand: too slow for CI); bf16 cannot be checked there (the
+# interpreter's tl.dot on bf16 returns garbage), so bf16 is first checked on a GPU.
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-2), (torch.float16, 5e-2), (torch.bfloat16, 2.5e-1)])
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 @pytest.mark.parametrize("case", [

@@ -31,6 +31,7 @@ Backends (``backend=``)
 Gradients reach ``input``, ``weight``, ``bias`` and ``residual`` and equal those of the dense reference
 ``F.conv2d(...) * mask``; only the selected pixels contribute.
 """
+import importlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -274,7 +275,7 @@ def masked_conv2d(
                          "(use 'triton' or 'reference')")
     if backend == "triton":
         from ..reference import expand_block_mask
-        from ..triton import ops as _triton_ops  # noqa: F401  (registers dynconv::masked_conv2d_triton)
+        importlib.import_module("dynconv_ext.triton.ops")  # registers the dynconv::masked_conv2d_triton* ops
         pixel_mask = expand_block_mask(mask, block, (ho, wo))[:, 0]
         out = torch.ops.dynconv.masked_conv2d_triton(input, weight, bias, pixel_mask, list(stride), list(padding),
                                                      list(dilation), groups, residual, ACTIVATIONS[activation])

@@ -361,8 +361,8 @@ if TRITON_AVAILABLE:
         wp = pack_weight(weight, groups)
         if residual is None:
             res = None
-            out = torch.zeros((n, co, ho, wo), dtype=input.dtype, device=input.device).contiguous(
-                memory_format=torch.channels_last)
+            out = torch.empty((n, co, ho, wo), dtype=input.dtype, device=input.device,
+                              memory_format=torch.channels_last).zero_()
         else:
             res = residual.contiguous(memory_format=torch.channels_last)
             out = res.clone(memory_format=torch.channels_last)  # inactive pixels keep the residual
@@ -394,21 +394,22 @@ if TRITON_AVAILABLE:
         act = int(activation)
         gout = grad_output.contiguous(memory_format=torch.channels_last)
         out = output.contiguous(memory_format=torch.channels_last) if act != ACT_NONE else gout
-        pm = pixel_mask.reshape(-1).contiguous()
+        pm = pixel_mask.reshape(-1)
+        pm8 = pm.to(torch.uint8)  # a byte copy, not a dtype view (simpler for torch.compile's functionalization)
         conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
         ieee = _use_ieee(input.dtype)
         gi, gw, gb = (input.new_empty((0,)) for _ in range(3))  # distinct: outputs of an op may not alias
         if output_mask[0]:
             q = n * h * w
-            touched = torch.empty(q, dtype=torch.bool, device=input.device)
+            touched = torch.empty(q, dtype=torch.uint8, device=input.device)
             _launch(_touched_inputs_kernel)[(triton.cdiv(q, 256),)](
-                pm.view(torch.uint8), touched.view(torch.uint8), q, h, w, ho, wo, *conv, KH=kh, KW=kw, BLOCK=256)
-            trows, tcount = compact_rows(touched)
-            gi = torch.zeros((n, c, h, w), dtype=input.dtype, device=input.device).contiguous(
-                memory_format=torch.channels_last)
+                pm8, touched, q, h, w, ho, wo, *conv, KH=kh, KW=kw, BLOCK=256)
+            trows, tcount = compact_rows(touched != 0)
+            gi = torch.empty((n, c, h, w), dtype=input.dtype, device=input.device,
+                             memory_format=torch.channels_last).zero_()
             grid = lambda meta: (triton.cdiv(q, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)  # noqa: E731
             _launch(_masked_conv2d_bwd_input_kernel)[grid](
-                gout, out, pack_weight(weight, groups), pm.view(torch.uint8), gi, trows, tcount,
+                gout, out, pack_weight(weight, groups), pm8, gi, trows, tcount,
                 q, h, w, c, ho, wo, co, cg, cog, *conv, KH=kh, KW=kw, ACT=act, IEEE=ieee)
         if output_mask[1] or output_mask[2]:
             has_w = bool(output_mask[1])
