@@ -23,7 +23,8 @@ def cmd_info(_args) -> int:
     print(f"  cuda       {'built' if info['cuda'] else 'not built'}; {gpu}")
     try:
         import triton
-        triton_state = (f"triton {triton.__version__}: forward kernel (checked under TRITON_INTERPRET=1; "
+        triton_state = (f"triton {triton.__version__}: forward and backward kernels (checked under "
+                        f"TRITON_INTERPRET=1; "
                         f"{'usable on this GPU' if torch.cuda.is_available() else 'needs a CUDA GPU'})")
     except ImportError:
         triton_state = "triton not installed"
