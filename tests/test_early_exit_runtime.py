@@ -62,7 +62,7 @@ def test_runtime_equals_simulation_and_shrinks_the_batch():
     net = ToyNet().double()
     x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
     th = calibrate_thresholds(net, x, prior=0.8)
-    run = EarlyExitRunner(net, th)
+    run = EarlyExitRunner(net, th, compact_fraction=0.0)  # shrink after every exit
     run.cumulative_macs(x.shape[1:])
     net.seen.clear()
     out = run(x)
@@ -79,6 +79,23 @@ def test_runtime_equals_simulation_and_shrinks_the_batch():
     assert torch.equal(out.macs, cum[out.exits])
     for i in range(40):
         torch.testing.assert_close(out.logits[i], logits[out.exits[i]][i])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_lazy_compaction_gives_the_same_answers(fraction):
+    net = ToyNet().double()
+    x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
+    th = calibrate_thresholds(net, x, prior=0.8)
+    eager = EarlyExitRunner(net, th, compact_fraction=0.0)(x)
+    run = EarlyExitRunner(net, th, compact_fraction=fraction)
+    run.cumulative_macs(x.shape[1:])
+    net.seen.clear()
+    lazy = run(x)
+    assert torch.equal(lazy.exits, eager.exits) and torch.equal(lazy.predictions, eager.predictions)
+    torch.testing.assert_close(lazy.logits, eager.logits)
+    assert torch.equal(lazy.macs, eager.macs)
+    if fraction == 1.0:  # never shrinks while someone is still running
+        assert all(b == 40 for _, b in net.seen)
 
 
 def test_all_confident_at_first_exit_runs_one_stage():
@@ -128,6 +145,8 @@ def test_bad_input():
         EarlyExitRunner(net, [0.1, 0.2, 0.3])(torch.randn(3, 4, 4))
     with pytest.raises(ValueError, match="prior"):
         thresholds_from_confidences(torch.rand(3, 10), [0.5, 0.5])
+    with pytest.raises(ValueError, match="compact_fraction"):
+        EarlyExitRunner(net, [0.1, 0.2, 0.3], compact_fraction=2.0)
 
 
 @pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
