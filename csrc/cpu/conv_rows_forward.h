@@ -133,8 +133,6 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
   const int64_t tap_chunk = std::max<int64_t>(1, (kTapBytes / int64_t(sizeof(T) * kNR)) / s.Cg);
   const int64_t macro_rows = kBlocksPerMacro * kMR, nmacro = ceil_div(M, macro_rows);
   const int64_t per_macro = kBlocksPerMacro * taps * kMR;  // row pointers of one macro block: [block][tap][row]
-  static_assert(kBlocksPerMacro == 2, "the narrow path computes a macro block's two row blocks in one call");
-  const bool narrow = s.Cog <= 8;
   // Per-tap displacement tables, so the hot loops do no division by runtime sizes.
   std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
   for (int64_t t = 0; t < taps; ++t) {
@@ -202,17 +200,12 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
       for (int64_t g = 0; g < s.G; ++g) {
         const T* const* ptrs = cur.data();
         if (s.G > 1) {  // shift to group g's channels (never the zero row)
-          for (int64_t q = 0; q < (narrow ? kBlocksPerMacro : nblk) * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
+          for (int64_t q = 0; q < nblk * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
           ptrs = grouped.data();
         }
         const T* wg = wpack + g * panels * K * kNR;
         for (int64_t t0 = 0; t0 < taps; t0 += tap_chunk) {
           const int64_t tc = std::min(tap_chunk, taps - t0);
-          if (narrow) {  // <= 8 output channels: both row blocks (pad rows repeat the last row) in one call
-            conv_block_12x8<T>(tc, s.Cg, ptrs + t0 * kMR, ptrs + (taps + t0) * kMR, wg + t0 * s.Cg * kNR,
-                               ctile.data(), ldc, t0 > 0);
-            continue;
-          }
           for (int64_t p = 0; p < panels; ++p)
             for (int64_t blk = 0; blk < nblk; ++blk)
               conv_block_6x16<T>(tc, s.Cg, ptrs + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,

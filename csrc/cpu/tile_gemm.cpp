@@ -41,23 +41,6 @@ void conv_block_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T
 }
 
 template <typename T>
-void conv_block_narrow_generic(int64_t ntaps, int64_t cg, const T* const* rows_a, const T* const* rows_b, const T* b,
-                               T* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t kN = 8;
-  T acc[2 * kMR][kN] = {};
-  for (int64_t t = 0; t < ntaps; ++t)
-    for (int64_t k = 0; k < cg; ++k) {
-      const T* bk = b + (t * cg + k) * kNR;
-      for (int64_t i = 0; i < 2 * kMR; ++i) {
-        const T ai = (i < kMR ? rows_a[t * kMR + i] : rows_b[t * kMR + i - kMR])[k];
-        for (int64_t j = 0; j < kN; ++j) acc[i][j] += ai * bk[j];
-      }
-    }
-  for (int64_t i = 0; i < 2 * kMR; ++i)
-    for (int64_t j = 0; j < kN; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
-}
-
-template <typename T>
 void tile_generic(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, int64_t cs_a, const T* b,
                   int64_t panel_stride, T* c, int64_t ldc, bool accumulate) {
   for (int64_t p = 0; p < panels; ++p)
@@ -169,32 +152,6 @@ __attribute__((target("avx2,fma"))) void conv_block_avx2(int64_t ntaps, int64_t 
 #undef DYNCONV_STORE_ROW
 }
 
-// 12x8 float block: 12 accumulators + 1 B vector + 1 broadcast. Per k: 1 load of B, 12 broadcasts, 12 FMAs
-// (the loads and the FMAs about balance on two load ports and two FMA pipes).
-__attribute__((target("avx2,fma"))) void conv_block_narrow_avx2(int64_t ntaps, int64_t cg, const float* const* ra,
-                                                                const float* const* rb, const float* b, float* c,
-                                                                int64_t ldc, bool accumulate) {
-  __m256 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float* a[12];
-    for (int i = 0; i < 6; ++i) {
-      a[i] = ra[t * kMR + i];
-      a[6 + i] = rb[t * kMR + i];
-    }
-#pragma GCC unroll 2
-    for (int64_t k = 0; k < cg; ++k, b += kNR) {
-      const __m256 bv = _mm256_loadu_ps(b);
-#pragma GCC unroll 12
-      for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a[i] + k), bv, acc[i]);
-    }
-  }
-  for (int i = 0; i < 12; ++i) {
-    float* ci = c + i * ldc;
-    _mm256_storeu_ps(ci, accumulate ? _mm256_add_ps(acc[i], _mm256_loadu_ps(ci)) : acc[i]);
-  }
-}
-
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -241,24 +198,6 @@ template <>
 void conv_block_6x16<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
                              int64_t ldc, bool accumulate) {
   conv_block_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
-}
-
-template <>
-void conv_block_12x8<float>(int64_t ntaps, int64_t cg, const float* const* rows_a, const float* const* rows_b,
-                            const float* b, float* c, int64_t ldc, bool accumulate) {
-#ifdef DYNCONV_X86
-  if (cpu_has_avx2_fma()) {
-    conv_block_narrow_avx2(ntaps, cg, rows_a, rows_b, b, c, ldc, accumulate);
-    return;
-  }
-#endif
-  conv_block_narrow_generic<float>(ntaps, cg, rows_a, rows_b, b, c, ldc, accumulate);
-}
-
-template <>
-void conv_block_12x8<double>(int64_t ntaps, int64_t cg, const double* const* rows_a, const double* const* rows_b,
-                             const double* b, double* c, int64_t ldc, bool accumulate) {
-  conv_block_narrow_generic<double>(ntaps, cg, rows_a, rows_b, b, c, ldc, accumulate);
 }
 
 }  // namespace dynconv::cpu

@@ -24,14 +24,6 @@ void tile_gemm(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, 
 template <typename T>
 void conv_block_6x16(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
 
-// Narrow variant for outputs of at most 8 channels per group (MSDNet/RANet growth layers): two row blocks of 6
-// (rows_a, rows_b, each laid out as for conv_block_6x16) x the first 8 columns of the same 16-column panels.
-// The same FMA count as conv_block_6x16 computes twice the rows, instead of 10 of 16 columns being padding.
-//   c[i*ldc + j] (+)= ..., i in [0, 12) (rows 6..11 from rows_b), j in [0, 8)
-template <typename T>
-void conv_block_12x8(int64_t ntaps, int64_t cg, const T* const* rows_a, const T* const* rows_b, const T* b, T* c,
-                     int64_t ldc, bool accumulate);
-
 // True when the AVX2+FMA float kernel is used on this CPU.
 bool tile_gemm_uses_avx2();
 
