@@ -19,6 +19,12 @@ HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _INTO = importlib.import_module("dynconv_ext.ops.conv2d_into")  # the module (the package exports the function)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """float32 references on CUDA in full float32 (cuDNN convs may otherwise run in TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _has_cuda_op(op, device):
     """True where `device` is CUDA and this build has a CUDA kernel for dynconv::`op` (the functional then uses it;
     the tests also call it directly, so the CUDA kernel is what is checked, not the reference fallback)."""
