@@ -132,17 +132,20 @@ def test_conv2d_into_cuda_input_layouts(dtype, device):
                 torch.testing.assert_close(out.to(d), expected, rtol=tol, atol=tol, msg=f"{name} k={k} cl={cl}")
 
 
-def test_conv2d_into_dense_concat_chain_equals_torch_cat():
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_into_dense_concat_chain_equals_torch_cat(device):
     """A DenseNet-style stack written into one buffer equals the same stack built with torch.cat."""
     torch.manual_seed(0)
     c0, growth, layers = 8, 6, 4
-    x = torch.randn(2, c0, 10, 10, dtype=torch.float64)
-    ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=torch.float64) * 0.2 for i in range(layers)]
-    bs = [torch.randn(growth, dtype=torch.float64) for _ in range(layers)]
+    dt = torch.float64
+    x = torch.randn(2, c0, 10, 10, dtype=dt, device=device)
+    ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=dt, device=device) * 0.2 for i in range(layers)]
+    bs = [torch.randn(growth, dtype=dt, device=device) for _ in range(layers)]
     feats = x
     for w, b in zip(ws, bs):
         feats = torch.cat([feats, torch.relu(F.conv2d(feats, w, b, 1, 1))], 1)
-    buf = torch.empty(2, c0 + layers * growth, 10, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(2, c0 + layers * growth, 10, 10, dtype=dt, device=device)
+    buf = buf.contiguous(memory_format=torch.channels_last)
     buf[:, :c0] = x
     for i, (w, b) in enumerate(zip(ws, bs)):
         c = c0 + i * growth

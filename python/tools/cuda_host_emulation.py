@@ -157,6 +157,20 @@ def run_into():
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             into_run(**c, dtype=dtype)
         print("ok conv2d_into", i, flush=True)
+    # a DenseNet-style chain in one channels-last buffer: each layer reads the filled prefix of the buffer it writes
+    for dtype in (torch.float64, torch.float32):
+        c0, growth, layers = 8, 6, 4
+        x = torch.randn(2, c0, 10, 10, dtype=dtype)
+        ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=dtype) * 0.2 for i in range(layers)]
+        feats = x.double()
+        for w in ws:
+            feats = torch.cat([feats, torch.relu(torch.nn.functional.conv2d(feats, w.double(), None, 1, 1))], 1)
+        buf = torch.zeros(2, c0 + layers * growth, 10, 10, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        m.resize_into(x, buf, 0, 2)
+        for i, w in enumerate(ws):
+            m.conv2d_into(buf[:, :c0 + i * growth], w, None, buf, c0 + i * growth, [1, 1], [1, 1], [1, 1], 1, 1)
+        assert torch.allclose(buf.double(), feats, atol=INTO_TOL[dtype], rtol=INTO_TOL[dtype])
+    print("ok conv2d_into chain", flush=True)
     for i, (hw, HW) in enumerate(resize_cases):
         for layout in ("cl", "nchw", "slice"):
             for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
