@@ -1,4 +1,5 @@
 """The extension is built, registered, and reports its configuration."""
+import importlib
 import os
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ import dynconv_ext
 
 
 def test_ops_registered_for_cpu():
-    for op in ("masked_conv2d", "masked_conv2d_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynconv::{op}", "CPU")
+    for op in ("masked_conv2d", "masked_conv2d_backward", "conv2d_into_", "resize_into_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynconv::{op}", "CPU"), op
 
 
 def test_build_info_matches_torch():
@@ -24,8 +25,11 @@ def test_build_info_matches_torch():
 def test_cuda_kernels_registered_when_built_with_cuda():
     if not dynconv_ext.build_info()["cuda"]:
         pytest.skip("extension built without CUDA sources (build_info cuda=0)")
-    for op in ("masked_conv2d", "masked_conv2d_residual_", "masked_conv2d_backward"):
+    for op in ("masked_conv2d", "masked_conv2d_residual_", "masked_conv2d_backward", "conv2d_into_", "resize_into_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynconv::{op}", "CUDA"), op
+    # and the fused concat functionals route CUDA tensors to them (not to the reference)
+    into = importlib.import_module("dynconv_ext.ops.conv2d_into")  # the module (the package exports the function)
+    assert into._CUDA_OPS == {"conv2d_into_", "resize_into_"}
 
 
 def test_ci_builds_cuda_sources_when_toolkit_present():

@@ -1,5 +1,6 @@
 """conv2d_into and resize_into (the fused concat ops) against their references: shapes, offsets, layouts,
 channel-slice inputs, gradients, opcheck, torch.compile and bad input."""
+import importlib
 import random
 
 import pytest
@@ -9,8 +10,25 @@ import torch.nn.functional as F
 from dynconv_ext.ops import conv2d_into, resize_into
 from dynconv_ext.reference import conv2d_into_reference, resize_into_reference
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU on this machine")])]
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])]
+CUDA_ONLY = [pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])]
+# fp16/bf16 (CUDA only) against a float64 reference of the same (rounded) inputs: fp32 accumulation, so the error
+# is the output's rounding (half an ulp: 4.9e-4 relative for fp16, 3.9e-3 for bf16) plus a little.
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_INTO = importlib.import_module("dynconv_ext.ops.conv2d_into")  # the module (the package exports the function)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """float32 references on CUDA in full float32 (cuDNN convs may otherwise run in TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _has_cuda_op(op, device):
+    """True where `device` is CUDA and this build has a CUDA kernel for dynconv::`op` (the functional then uses it;
+    the tests also call it directly, so the CUDA kernel is what is checked, not the reference fallback)."""
+    return device == "cuda" and op in _INTO._CUDA_OPS
 
 
 def _conv_configs(n, seed=7):
@@ -49,34 +67,85 @@ def _conv_case(cfg, dtype=torch.float64, device="cpu"):
     return x, w, b, out
 
 
+def _check_conv2d_into(cfg, dtype, device, tol):
+    x, w, b, out = _conv_case(cfg, dtype, device)
+    # The reference in float64 (of the same inputs): on CUDA a float32 reference conv may run in TF32.
+    d = torch.float64
+    expected = conv2d_into_reference(x.to(d), w.to(d), None if b is None else b.to(d), out.to(d, copy=True),
+                                     cfg["pad_c"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
+                                     cfg["act"])
+    before = out.clone()
+    lo, hi = cfg["pad_c"], cfg["pad_c"] + cfg["cout"]
+    outs = [out]
+    got = conv2d_into(x, w, b, out, cfg["pad_c"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
+                      activation=cfg["act"])
+    assert got is out
+    if _has_cuda_op("conv2d_into_", device):  # the CUDA kernel itself, called directly
+        direct = before.clone()
+        act = {None: 0, "relu": 1, "relu6": 2}[cfg["act"]]
+        torch.ops.dynconv.conv2d_into_(x, w, b, direct, cfg["pad_c"], [cfg["stride"]] * 2, [cfg["padding"]] * 2,
+                                       [cfg["dilation"]] * 2, cfg["groups"], act)
+        outs.append(direct)
+    for o in outs:
+        torch.testing.assert_close(o.to(d), expected, rtol=tol, atol=tol)
+        assert torch.equal(o[:, :lo], before[:, :lo]) and torch.equal(o[:, hi:], before[:, hi:])  # untouched
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[c["id"] for c in CONV_CONFIGS])
 def test_conv2d_into_matches_reference(cfg, dtype, device):
-    x, w, b, out = _conv_case(cfg, dtype, device)
-    expected = conv2d_into_reference(x, w, b, out.clone(), cfg["pad_c"], cfg["stride"], cfg["padding"],
-                                     cfg["dilation"], cfg["groups"], cfg["act"])
-    before = out.clone()
-    got = conv2d_into(x, w, b, out, cfg["pad_c"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
-                      activation=cfg["act"])
-    assert got is out
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    lo, hi = cfg["pad_c"], cfg["pad_c"] + cfg["cout"]
-    assert torch.equal(out[:, :lo], before[:, :lo]) and torch.equal(out[:, hi:], before[:, hi:])  # untouched
+    _check_conv2d_into(cfg, dtype, device, 1e-4 if dtype == torch.float32 else 1e-10)
 
 
-def test_conv2d_into_dense_concat_chain_equals_torch_cat():
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[c["id"] for c in CONV_CONFIGS])
+def test_conv2d_into_half_matches_reference(cfg, dtype, device):
+    _check_conv2d_into(cfg, dtype, device, HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_conv2d_into_cuda_input_layouts(dtype, device):
+    """The CUDA kernel reads NCHW, channels-last, channel-slice and spatially strided inputs, and writes NCHW and
+    channels-last buffers; a wide layer (several column tiles, K > one reduction step) and a 1x1 conv."""
+    torch.manual_seed(4)
+    d = torch.float64
+    base = torch.randn(2, 80, 13, 11, dtype=dtype, device=device)
+    inputs = {"nchw": base[:, :70].contiguous(), "cl": base[:, :70].contiguous(memory_format=torch.channels_last),
+              "slice": base.contiguous(memory_format=torch.channels_last)[:, 5:75],
+              "strided": base.contiguous(memory_format=torch.channels_last)[:, 3:73, ::2, 1::2]}
+    for name, x in inputs.items():
+        for k, pad, co in ((3, 1, 130), (1, 0, 33)):
+            w = torch.randn(co, 70, k, k, dtype=dtype, device=device) * 0.1
+            b = torch.randn(co, dtype=dtype, device=device)
+            ho, wo = x.shape[2] + 2 * pad - k + 1, x.shape[3] + 2 * pad - k + 1
+            for cl in (False, True):
+                out = torch.randn(2, co + 9, ho, wo, dtype=dtype, device=device)
+                if cl:
+                    out = out.contiguous(memory_format=torch.channels_last)
+                expected = conv2d_into_reference(x.to(d), w.to(d), b.to(d), out.to(d, copy=True), 4, 1, pad, 1, 1,
+                                                 "relu")
+                conv2d_into(x, w, b, out, 4, 1, pad, activation="relu")
+                tol = 1e-4 if dtype == torch.float32 else HALF_TOL[dtype]
+                torch.testing.assert_close(out.to(d), expected, rtol=tol, atol=tol, msg=f"{name} k={k} cl={cl}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_into_dense_concat_chain_equals_torch_cat(device):
     """A DenseNet-style stack written into one buffer equals the same stack built with torch.cat."""
     torch.manual_seed(0)
     c0, growth, layers = 8, 6, 4
-    x = torch.randn(2, c0, 10, 10, dtype=torch.float64)
-    ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=torch.float64) * 0.2 for i in range(layers)]
-    bs = [torch.randn(growth, dtype=torch.float64) for _ in range(layers)]
+    dt = torch.float64
+    x = torch.randn(2, c0, 10, 10, dtype=dt, device=device)
+    ws = [torch.randn(growth, c0 + i * growth, 3, 3, dtype=dt, device=device) * 0.2 for i in range(layers)]
+    bs = [torch.randn(growth, dtype=dt, device=device) for _ in range(layers)]
     feats = x
     for w, b in zip(ws, bs):
         feats = torch.cat([feats, torch.relu(F.conv2d(feats, w, b, 1, 1))], 1)
-    buf = torch.empty(2, c0 + layers * growth, 10, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(2, c0 + layers * growth, 10, 10, dtype=dt, device=device)
+    buf = buf.contiguous(memory_format=torch.channels_last)
     buf[:, :c0] = x
     for i, (w, b) in enumerate(zip(ws, bs)):
         c = c0 + i * growth
@@ -129,12 +198,46 @@ def test_resize_into_matches_reference(sizes, layout, dtype, device):
     out = torch.randn(2, 12, H, W, dtype=dtype, device=device)
     if layout != "nchw":
         out = out.contiguous(memory_format=torch.channels_last)
-    expected = resize_into_reference(x, out.clone(), 4)
+    _check_resize_into(x, out, dtype, device)
+
+
+def _check_resize_into(x, out, dtype, device):
+    half = dtype in HALF_TOL
+    # half types: a float64 reference of the same inputs (the kernel interpolates in fp32 and rounds once)
+    if half:
+        expected = resize_into_reference(x.double(), out.double(), 4)
+    else:
+        expected = resize_into_reference(x, out.clone(), 4)
     before = out.clone()
+    outs = [out]
     assert resize_into(x, out, 4) is out
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    assert torch.equal(out[:, :4], before[:, :4]) and torch.equal(out[:, 9:], before[:, 9:])
+    if _has_cuda_op("resize_into_", device):  # the CUDA kernel itself, called directly
+        direct = before.clone()
+        torch.ops.dynconv.resize_into_(x, direct, 4)
+        outs.append(direct)
+    tol = HALF_TOL[dtype] if half else 1e-5 if dtype == torch.float32 else 1e-12
+    for o in outs:
+        torch.testing.assert_close(o.to(expected.dtype), expected, rtol=tol, atol=tol)
+        assert torch.equal(o[:, :4], before[:, :4]) and torch.equal(o[:, 9:], before[:, 9:])
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sizes", [((4, 4), (8, 8)), ((8, 8), (4, 4)), ((7, 7), (7, 7)), ((5, 3), (11, 6))])
+@pytest.mark.parametrize("layout", ["cl", "nchw", "slice"])
+def test_resize_into_half_matches_reference(sizes, layout, dtype, device):
+    (h, w), (H, W) = sizes
+    torch.manual_seed(3)
+    if layout == "slice":
+        x = torch.randn(2, 9, h, w, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)[:, 2:7]
+    else:
+        x = torch.randn(2, 5, h, w, dtype=dtype, device=device)
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.randn(2, 12, H, W, dtype=dtype, device=device)
+    if layout != "nchw":
+        out = out.contiguous(memory_format=torch.channels_last)
+    _check_resize_into(x, out, dtype, device)
 
 
 @pytest.mark.parametrize("sizes", [((3, 4), (6, 7)), ((6, 6), (3, 3)), ((4, 4), (4, 4))])
@@ -145,13 +248,23 @@ def test_resize_into_gradcheck(sizes):
     assert torch.autograd.gradcheck(lambda x, base: resize_into(x, base.clone(), 1), (x, base))
 
 
-def test_opcheck_into_ops():
-    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(3, 4, 3, 3)
-    out = torch.zeros(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_into_ops(device):
+    if device == "cuda" and not (_has_cuda_op("conv2d_into_", device) and _has_cuda_op("resize_into_", device)):
+        pytest.skip("this build has no CUDA kernels for the fused concat ops")
+    x = torch.randn(2, 4, 6, 6, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 4, 3, 3, device=device)
+    out = torch.zeros(2, 8, 6, 6, device=device).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.dynconv.conv2d_into_.default,
-                          (x, w, torch.randn(3), out, 2, [1, 1], [1, 1], [1, 1], 1, 1))
-    torch.library.opcheck(torch.ops.dynconv.resize_into_.default, (torch.randn(2, 3, 3, 3), out, 4))
+                          (x, w, torch.randn(3, device=device), out, 2, [1, 1], [1, 1], [1, 1], 1, 1))
+    torch.library.opcheck(torch.ops.dynconv.resize_into_.default, (torch.randn(2, 3, 3, 3, device=device), out, 4))
+    if device == "cuda":  # the half types, a depthwise conv, an NCHW buffer and a same-size copy
+        h = torch.randn(2, 6, 5, 5, device=device, dtype=torch.float16)
+        hout = torch.zeros(2, 10, 5, 5, device=device, dtype=torch.float16)
+        torch.library.opcheck(torch.ops.dynconv.conv2d_into_.default,
+                              (h, torch.randn(6, 1, 3, 3, device=device, dtype=torch.float16), None, hout, 3,
+                               [1, 1], [1, 1], [1, 1], 6, 2))
+        torch.library.opcheck(torch.ops.dynconv.resize_into_.default, (h.bfloat16(), hout.bfloat16(), 4))
 
 
 def test_compile_fullgraph():

@@ -9,9 +9,11 @@ preallocated channels-last buffer per scale, each layer instead writes its ``C_o
 offset, and the next layer reads the filled prefix ``out[:, :c]`` as its input in place: the CPU kernel reads a
 channel-slice view of a channels-last buffer without copying it.
 
-Backends (``backend=``): ``"auto"`` / ``"cpp"`` the C++ implicit-GEMM kernel (CPU; the same microkernel as
-``masked_conv2d``, all pixels active); ``"reference"`` pure PyTorch. On CUDA tensors ``"auto"`` uses the
-reference (conv then a slice copy) until GPU kernels exist.
+Backends (``backend=``): ``"auto"`` the C++ kernel of the tensors' device: on CPU the implicit-GEMM kernel
+(the same microkernel as ``masked_conv2d``, all pixels active; float32/float64), on CUDA the CUDA implicit GEMM
+(masked_conv2d's forward with all pixels active, no mask or index map; float32/float64/float16/bfloat16, fp32
+accumulation) where the extension was built with CUDA, else the reference; ``"cpp"`` the CPU kernel only;
+``"reference"`` pure PyTorch (conv then a slice copy).
 
 Autograd: when gradients are needed, the result is differentiable with respect to ``input``, ``weight``,
 ``bias`` and the untouched part of ``out`` (the written slice's old values get no gradient); ``out`` must then
@@ -108,9 +110,27 @@ class _Conv2dIntoFn(torch.autograd.Function):
         return gi, gw, gb, g_out, None, None, None, None
 
 
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The fused concat ops this build has CUDA kernels for (fixed once the extension is loaded; a constant, so that
+# torch.compile sees no dispatcher query).
+_CUDA_OPS = frozenset(
+    op for op in ("conv2d_into_", "resize_into_")
+    if _extension.load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"dynconv::{op}", "CUDA"))
+
+
+def _use_op(op, input, backend):
+    """Whether the dynconv op runs (else the reference): always on CPU (the functional has checked the dtype); on
+    CUDA where this build registered a CUDA kernel for the op and the dtype is one it supports."""
+    if backend == "reference":
+        return False
+    if input.device.type == "cpu":
+        return True
+    return input.device.type == "cuda" and input.dtype in _CUDA_DTYPES and op in _CUDA_OPS
+
+
 def _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend):
     stride, padding, dilation, groups = conv_args
-    if backend == "reference" or input.device.type != "cpu":
+    if not _use_op("conv2d_into_", input, backend):
         return conv2d_into_reference(input, weight, bias, out, channel_offset, stride, padding, dilation, groups,
                                      activation)
     _extension.require_extension()

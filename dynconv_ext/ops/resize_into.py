@@ -8,8 +8,10 @@ concatenate a resampled copy of the current features and an upsampled conv of th
 features; written into one preallocated channels-last buffer, that concat costs no extra copy. Pair it with
 :func:`conv2d_into` for the conv parts.
 
-Backends (``backend=``): ``"auto"`` / ``"cpp"`` the C++ kernel (CPU, float32/float64, vectorized over the
-channels of a channels-last buffer); ``"reference"`` pure PyTorch (also what CUDA tensors use for now).
+Backends (``backend=``): ``"auto"`` the C++ kernel of the tensors' device: on CPU float32/float64, vectorized over
+the channels of a channels-last buffer; on CUDA (where the extension was built with CUDA, else the reference)
+float32/float64/float16/bfloat16, interpolating in fp32 for the half types as PyTorch does; ``"cpp"`` the CPU
+kernel only; ``"reference"`` pure PyTorch.
 Differentiable with respect to ``input`` and the untouched part of ``out`` when gradients are needed.
 """
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..reference import resize_into_reference
-from .conv2d_into import INTO_BACKENDS, _check_no_overlap
+from .conv2d_into import INTO_BACKENDS, _check_no_overlap, _use_op
 
 
 def _validate(input, out, channel_offset):
@@ -71,7 +73,7 @@ class _ResizeIntoFn(torch.autograd.Function):
 
 
 def _resize_into_raw(input, out, channel_offset, backend):
-    if backend == "reference" or input.device.type != "cpu":
+    if not _use_op("resize_into_", input, backend):
         return resize_into_reference(input, out, channel_offset)
     _extension.require_extension()
     torch.ops.dynconv.resize_into_(input, out, channel_offset)

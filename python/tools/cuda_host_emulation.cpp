@@ -1,4 +1,5 @@
-// Host emulation of the CUDA kernels (csrc/cuda/masked_conv2d_kernels.cuh) for machines without a GPU: each
+// Host emulation of the CUDA kernels (csrc/cuda/masked_conv2d_kernels.cuh, conv2d_into_kernels.cuh,
+// resize_into_kernels.cuh) for machines without a GPU: each
 // block runs as 256 std::threads with a std::barrier for
 // __syncthreads and static locals for __shared__ (one block at a time), warp votes and shuffles through
 // the block barrier, atomics under a mutex. It checks index math, tiling and barrier placement; not the
@@ -36,6 +37,8 @@ static std::mutex g_atomic;
 template <class T> T atomicAdd(T* p, T v) { std::lock_guard<std::mutex> l(g_atomic); T o = *p; *p = o + v; return o; }
 
 #include "../../csrc/cuda/masked_conv2d_kernels.cuh"
+#include "../../csrc/cuda/conv2d_into_kernels.cuh"
+#include "../../csrc/cuda/resize_into_kernels.cuh"
 #include "../../csrc/conv_shape.h"
 
 using namespace dynconv::cuda;
@@ -125,7 +128,52 @@ std::vector<at::Tensor> backward(at::Tensor go_in, at::Tensor input, at::Tensor 
   return {gi.permute({0, 3, 1, 2}).to(input.scalar_type()), gw.permute({0, 4, 3, 1, 2}).reshape({s.Co, s.Cg, s.KH, s.KW}).to(input.scalar_type())};
 }
 
+// conv2d_into_: as csrc/cuda/conv2d_into_cuda.cu's host code (input read in place when its channel stride is 1).
+void conv2d_into(at::Tensor input, at::Tensor weight, c10::optional<at::Tensor> bias, at::Tensor out, int64_t offset,
+                 std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                 int64_t groups, int64_t act) {
+  auto s = dynconv::make_conv_shape_unmasked(input, weight, bias, stride, padding, dilation, groups, "conv2d_into");
+  Geo g = geo(s);
+  const bool in_place = input.stride(1) == 1 || input.size(1) <= 1;
+  auto x = in_place ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
+  InStrides xs{x.stride(0), x.stride(2), x.stride(3)};
+  auto slice = out.narrow(1, offset, s.Co);
+  Strides4 os = st(slice);
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emu_into", [&] {
+    scalar_t* op = slice.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    if (s.Cg == 1) {
+      auto w = weight.contiguous();
+      launch({cdiv(g.P * s.Co, kThreads)}, kThreads, [&] {
+        dense_forward_depthwise_kernel<scalar_t>(x.data_ptr<scalar_t>(), xs, w.data_ptr<scalar_t>(), bp, g, op, os, act); });
+    } else {
+      auto w = weight.contiguous().view({s.G, s.Cog, s.Cg, s.KH, s.KW}).permute({0, 3, 4, 2, 1}).contiguous();
+      launch({cdiv(g.P, kBM), unsigned(s.G * cdiv(s.Cog, kBN))}, kThreads, [&] {
+        dense_forward_gemm_kernel<scalar_t>(x.data_ptr<scalar_t>(), xs, w.data_ptr<scalar_t>(), bp, g, op, os, act); });
+    }
+  });
+}
+
+// resize_into_: as csrc/cuda/resize_into_cuda.cu's host code, on `blocks` blocks of 64 threads (few, so that the
+// grid-stride loop is exercised).
+void resize_into(at::Tensor input, at::Tensor out, int64_t offset, int64_t blocks) {
+  const int64_t C = input.size(1);
+  auto slice = out.narrow(1, offset, C);
+  ResizeGeo g;
+  g.N = input.size(0); g.C = C; g.H = input.size(2); g.W = input.size(3); g.Ho = out.size(2); g.Wo = out.size(3);
+  g.xn = input.stride(0); g.xc = input.stride(1); g.xh = input.stride(2); g.xw = input.stride(3);
+  g.yn = slice.stride(0); g.yc = slice.stride(1); g.yh = slice.stride(2); g.yw = slice.stride(3);
+  g.channels_inner = C > 1 && g.yc < g.yw;
+  g.same = g.H == g.Ho && g.W == g.Wo;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emu_resize", [&] {
+    launch({unsigned(blocks)}, 64, [&] { resize_into_kernel<scalar_t>(input.data_ptr<scalar_t>(), slice.data_ptr<scalar_t>(), g); });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("conv2d_into", &conv2d_into);
+  m.def("resize_into", &resize_into);
 }

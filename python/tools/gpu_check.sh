@@ -17,6 +17,10 @@ if command -v compute-sanitizer > /dev/null; then
     compute-sanitizer --tool "$tool" --target-processes all python -m pytest -q -x tests/test_gpu.py \
       > "$OUT/sanitizer_$tool.txt" 2>&1
     tail -5 "$OUT/sanitizer_$tool.txt"
+    # the fused concat ops' CUDA kernels (conv2d_into_, resize_into_)
+    compute-sanitizer --tool "$tool" --target-processes all python -m pytest -q -x tests/test_into_ops.py -k cuda \
+      > "$OUT/sanitizer_into_$tool.txt" 2>&1
+    tail -5 "$OUT/sanitizer_into_$tool.txt"
   done
 fi
 # Benchmarks: Triton vs cuDNN tables (markdown + csv in $OUT).
