@@ -82,10 +82,12 @@ if TRITON_AVAILABLE:
                         else:
                             acc += tl.dot(a, b)
                 else:
+                    x_c = x_row  # int64 offsets of channel c, advanced channel by channel
                     for c in range(0, Cg):
-                        a = tl.load(x_ptr + x_row + c * sx_c, mask=in_ok, other=0.0).to(tl.float32)
+                        a = tl.load(x_ptr + x_c, mask=in_ok, other=0.0).to(tl.float32)
                         b = tl.load(w_ptr + (w_tap + c) * Cog + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                         acc += a[:, None] * b[None, :]
+                        x_c += sx_c
         co = g * Cog + offs_n
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
