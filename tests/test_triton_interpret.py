@@ -138,7 +138,7 @@ INTO = PRELUDE + textwrap.dedent(r"""
         (1, 20, 18, 7, 7, (3, 3), (2, 2), (1, 1), (1, 1), 1, False, None, False, False, 3, 0),   # stride 2, K tail
         (1, 6, 8, 5, 6, (1, 3), (1, 2), (0, 1), (1, 1), 2, True, "relu6", False, True, 4, 4),    # rank-1, groups 2
         (2, 4, 4, 6, 6, (3, 3), (1, 1), (2, 2), (2, 2), 4, True, "relu", True, False, 2, 1),     # depthwise, dilated
-        (1, 32, 5, 4, 5, (3, 1), (1, 1), (1, 0), (1, 1), 2, True, None, True, True, 0, 2),       # dot, groups 2, 3x1
+        (1, 32, 6, 4, 5, (3, 1), (1, 1), (1, 0), (1, 1), 2, True, None, True, True, 0, 2),       # dot, groups 2, 3x1
     ]
     for (n, cin, cout, h, w, k, s, p, d, g, has_bias, act, in_slice, cl, extra, off) in conv_cases:
         x = make_input(n, cin, h, w, in_slice)
@@ -153,6 +153,17 @@ INTO = PRELUDE + textwrap.dedent(r"""
         torch.testing.assert_close(out[:, off:off + cout], ref[:, off:off + cout], rtol=1e-4, atol=1e-4)
         assert torch.equal(out[:, :off], before[:, :off]) and torch.equal(out[:, off + cout:], before[:, off + cout:])
         assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    # half precision (fp32 accumulation): fp16 on both paths; bf16 only on the rank-1 path (the interpreter's tl.dot
+    # on bf16 returns garbage, so the bf16 dot path is first checked on a GPU: tests/test_gpu.py)
+    for dt, cin in ((torch.float16, 16), (torch.float16, 6), (torch.bfloat16, 6)):
+        x = make_input(1, cin, 5, 5, True, dt)
+        wt, b = (torch.randn(8, cin, 3, 3) * 0.2).to(dt), torch.randn(8).to(dt)
+        out = make_out(1, 11, 5, 5, True, 2, 8, dt)
+        conv2d_into(x, wt, b, out, 2, 1, 1, activation="relu", backend="triton")
+        ref = conv2d_into_reference(x.double(), wt.double(), b.double(), out.double(), 2, 1, 1, 1, 1, "relu")
+        tol = 1e-2 if dt == torch.float16 else 6e-2
+        torch.testing.assert_close(out[:, 2:10].double(), ref[:, 2:10], rtol=tol, atol=tol)
 
     # a dense block written into one channels-last buffer: each layer reads the filled prefix in place
     buf = torch.randn(1, 8 + 3 * 6, 5, 5).contiguous(memory_format=torch.channels_last)
