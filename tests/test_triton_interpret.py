@@ -212,6 +212,13 @@ INTO = PRELUDE + textwrap.dedent(r"""
     go = torch.randn_like(yr)
     torch.testing.assert_close(torch.autograd.grad(y, x, go)[0], torch.autograd.grad(yr, x, go)[0])
 
+    try:  # the Triton backend takes float32, float16 and bfloat16 only
+        resize_into(torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.zeros(1, 2, 4, 4, dtype=torch.float64), 0,
+                    backend="triton")
+        raise AssertionError("float64 accepted")
+    except TypeError as e:
+        assert "float32, float16 and bfloat16" in str(e), e
+
     # opcheck's checks that do not trace into the kernels (see BACKWARD)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
