@@ -1,10 +1,13 @@
 """CUDA-device checks of the GPU backends (skipped, visibly, without a GPU)."""
+import importlib
+
 import pytest
 import torch
 
 import dynconv_ext
-from dynconv_ext.ops import active_rows, masked_conv2d
-from dynconv_ext.reference import expand_block_mask, masked_conv2d_reference
+from dynconv_ext.ops import active_rows, conv2d_into, masked_conv2d, resize_into
+from dynconv_ext.reference import (conv2d_into_reference, expand_block_mask, masked_conv2d_reference,
+                                   resize_into_reference)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
 
@@ -427,3 +430,125 @@ def test_cuda_bad_input_names_argument():
     with pytest.raises(RuntimeError, match="grad_output"):
         torch.ops.dynconv.masked_conv2d_backward(torch.randn(1, 8, 8, 8), x, w, m, [1, 1], [1, 1], [1, 1], 1, 1,
                                                  [True, True, True], NEVER)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels of the fused concat ops (backend="triton"): dynconv_ext/triton/conv2d_into.py, resize_into.py
+# ---------------------------------------------------------------------------------------------------
+INTO_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _into_input(n, c, h, w, dtype, in_slice):
+    if in_slice:  # a channel slice of a wider channels-last buffer, read in place
+        buf = torch.randn(n, c + 9, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return buf[:, 4:4 + c]
+    return torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["slice-nhwc", "nchw-nchw", "slice-nchw"])
+@pytest.mark.parametrize("case", [
+    # cin, cout, k, stride, padding, dilation, groups, activation
+    (64, 48, 3, 1, 1, 1, 1, "relu"),
+    (40, 72, 3, 2, 1, 1, 1, None),
+    (96, 32, 1, 1, 0, 1, 1, "relu6"),
+    (48, 48, 3, 1, 2, 2, 3, "relu"),     # groups of 16 input channels (dot path), dilated
+    (32, 32, 3, 1, 1, 1, 32, "relu6"),   # depthwise (rank-1 path)
+    (3, 24, 3, 2, 1, 1, 1, "relu"),      # RGB stem (rank-1 path)
+], ids=["3x3", "s2", "1x1", "g3d2", "dw", "stem"])
+def test_triton_conv2d_into_matches_reference(dtype, layout, case):
+    cin, cout, k, s, p, d, groups, act = case
+    in_slice, cl_out = layout.startswith("slice"), layout.endswith("nhwc")
+    x = _into_input(3, cin, 17, 15, dtype, in_slice)
+    w = (torch.randn(cout, cin // groups, k, k, device="cuda") / (cin // groups * k * k) ** 0.5).to(dtype)
+    b = (torch.randn(cout, device="cuda") * 0.1).to(dtype)
+    ho = (17 + 2 * p - d * (k - 1) - 1) // s + 1
+    wo = (15 + 2 * p - d * (k - 1) - 1) // s + 1
+    off, extra = 5, 7
+    out = torch.randn(3, off + cout + extra, ho, wo, device="cuda", dtype=dtype)
+    if cl_out:
+        out = out.contiguous(memory_format=torch.channels_last)
+    before = out.clone()
+    conv2d_into(x, w, b, out, off, s, p, d, groups, activation=act, backend="triton")
+    ref = conv2d_into_reference(x.double(), w.double(), b.double(), before.double(), off, s, p, d, groups, act)
+    tol = INTO_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(out[:, :off], before[:, :off]) and torch.equal(out[:, off + cout:], before[:, off + cout:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("sizes", [((7, 9), (14, 17)), ((28, 28), (14, 14)), ((12, 10), (12, 10)), ((5, 6), (1, 1)),
+                                   ((1, 1), (8, 8))], ids=["up", "down", "same", "to1", "from1"])
+@pytest.mark.parametrize("layout", ["slice-nhwc", "nchw-nchw"])
+def test_triton_resize_into_matches_reference(dtype, sizes, layout):
+    (h, w), (H, W) = sizes
+    x = _into_input(2, 70, h, w, dtype, layout.startswith("slice"))
+    off = 3
+    out = torch.randn(2, off + 70 + 5, H, W, device="cuda", dtype=dtype)
+    if layout.endswith("nhwc"):
+        out = out.contiguous(memory_format=torch.channels_last)
+    before = out.clone()
+    resize_into(x, out, off, backend="triton")
+    ref = resize_into_reference(x.double(), before.double(), off)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(out[:, :off], before[:, :off]) and torch.equal(out[:, off + 70:], before[:, off + 70:])
+
+
+def test_triton_into_dense_block_in_one_buffer():
+    c0, growth, layers = 32, 16, 4
+    buf = torch.randn(2, c0 + layers * growth, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    ref = buf.double()
+    for i in range(layers):
+        c = c0 + i * growth
+        w, b = torch.randn(growth, c, 3, 3, device="cuda") / (9 * c) ** 0.5, torch.randn(growth, device="cuda")
+        conv2d_into(buf[:, :c], w, b, buf, c, 1, 1, activation="relu", backend="triton")
+        conv2d_into_reference(ref[:, :c], w.double(), b.double(), ref, c, 1, 1, 1, 1, "relu")
+    torch.testing.assert_close(buf.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_triton_into_grads_match_reference():
+    x = torch.randn(2, 24, 9, 9, device="cuda", requires_grad=True)
+    w = (torch.randn(16, 24, 3, 3, device="cuda") * 0.1).requires_grad_()
+    b = torch.randn(16, device="cuda", requires_grad=True)
+    g = torch.randn(2, 20, 9, 9, device="cuda")
+    y = conv2d_into(x, w, b, torch.zeros(2, 20, 9, 9, device="cuda"), 4, 1, 1, activation="relu", backend="triton")
+    yr = conv2d_into_reference(x, w, b, torch.zeros(2, 20, 9, 9, device="cuda"), 4, 1, 1, 1, 1, "relu")
+    for a, r in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(yr, (x, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3)
+    z = torch.randn(2, 8, 5, 5, device="cuda", requires_grad=True)
+    y = resize_into(z, torch.zeros(2, 10, 9, 9, device="cuda"), 1, backend="triton")
+    yr = resize_into_reference(z, torch.zeros(2, 10, 9, 9, device="cuda"), 1)
+    g = torch.randn_like(yr)
+    torch.testing.assert_close(torch.autograd.grad(y, z, g)[0], torch.autograd.grad(yr, z, g)[0])
+
+
+def test_triton_into_ops_opcheck():
+    importlib.import_module("dynconv_ext.triton.ops")  # registers the ops
+    x = torch.randn(2, 16, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+    out = torch.zeros(2, 30, 9, 9, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.dynconv.conv2d_into_triton.default,
+                          (x, torch.randn(12, 8, 3, 3, device="cuda"), torch.randn(12, device="cuda"), out, 3,
+                           [1, 1], [1, 1], [1, 1], 2, 1))
+    torch.library.opcheck(torch.ops.dynconv.conv2d_into_triton.default,
+                          (x, torch.randn(12, 16, 1, 1, device="cuda"), None, out, 0, [1, 1], [0, 0], [1, 1], 1, 0))
+    torch.library.opcheck(torch.ops.dynconv.resize_into_triton.default, (torch.randn(2, 6, 4, 5, device="cuda"), out, 20))
+
+
+def test_triton_into_compile_fullgraph():
+    x = torch.randn(2, 16, 10, 10, device="cuda")
+    w, b = torch.randn(8, 16, 3, 3, device="cuda") * 0.1, torch.randn(8, device="cuda")
+    c = torch.randn(2, 4, 5, 5, device="cuda")
+
+    def f(x, w, b, c, impl):
+        buf = torch.zeros(2, 12, 10, 10, device="cuda").contiguous(memory_format=torch.channels_last)
+        if impl == "triton":
+            conv2d_into(x, w, b, buf, 0, 1, 1, activation="relu", backend="triton")
+            resize_into(c, buf, 8, backend="triton")
+        else:
+            conv2d_into_reference(x, w, b, buf, 0, 1, 1, 1, 1, "relu")
+            resize_into_reference(c, buf, 8)
+        return buf * 2
+
+    got = torch.compile(f, fullgraph=True)(x, w, b, c, "triton")
+    torch.testing.assert_close(got, f(x, w, b, c, "reference"), rtol=1e-3, atol=1e-3)

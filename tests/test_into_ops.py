@@ -306,6 +306,8 @@ def test_bad_input_names_the_argument():
         resize_into(torch.randn(3, 4, 3, 3), out, 0)
     with pytest.raises(ValueError, match="backend"):
         resize_into(torch.randn(2, 4, 3, 3), out, 0, backend="triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):  # (CPU tensors only under TRITON_INTERPRET=1)
+        conv2d_into(x, w, None, out, 0, 1, 1, backend="triton")
     # direct op calls are checked in C++ too
     with pytest.raises(RuntimeError, match="channel_offset"):
         torch.ops.dynconv.conv2d_into_(x, w, None, out, 7, [1, 1], [1, 1], [1, 1], 1, 0)

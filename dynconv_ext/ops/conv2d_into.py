@@ -13,12 +13,18 @@ Backends (``backend=``): ``"auto"`` the C++ kernel of the tensors' device: on CP
 (the same microkernel as ``masked_conv2d``, all pixels active; float32/float64), on CUDA the CUDA implicit GEMM
 (masked_conv2d's forward with all pixels active, no mask or index map; float32/float64/float16/bfloat16, fp32
 accumulation) where the extension was built with CUDA, else the reference; ``"cpp"`` the CPU kernel only;
-``"reference"`` pure PyTorch (conv then a slice copy).
+``"triton"`` the Triton implicit-GEMM kernel (CUDA tensors, float32 / float16 / bfloat16; CPU tensors only under
+``TRITON_INTERPRET=1``, for tests): it reads the input through its strides (a channel-slice view of a
+channels-last buffer in place), fuses bias and activation into the epilogue and stores through ``out``'s strides
+into the slice, op ``dynconv::conv2d_into_triton``; ``"reference"`` pure PyTorch (conv then a slice copy).
+Neither GPU kernel has run on a GPU yet (checked by host emulation / the Triton interpreter).
 
 Autograd: when gradients are needed, the result is differentiable with respect to ``input``, ``weight``,
 ``bias`` and the untouched part of ``out`` (the written slice's old values get no gradient); ``out`` must then
 not be a leaf that requires grad.
 """
+import importlib
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -28,7 +34,8 @@ from ..reference import conv2d_into_reference
 from .masked_conv2d import ACTIVATIONS, _output_size, _pair
 
 IntOr2 = Union[int, Tuple[int, int]]
-INTO_BACKENDS = ("auto", "cpp", "reference")
+INTO_BACKENDS = ("auto", "cpp", "triton", "reference")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups):
@@ -60,6 +67,31 @@ def _validate(input, weight, bias, out, channel_offset, stride, padding, dilatio
         raise ValueError(f"{name}: channel_offset={channel_offset} + C_out={weight.shape[0]} must fit in out's "
                          f"{out.shape[1]} channels")
     _check_no_overlap(name, input, out, channel_offset, weight.shape[0])
+
+
+def _check_backend(name, backend, input):
+    """The device and dtype rules of the explicit backends ('auto' and 'reference' take anything valid)."""
+    on_cpu = input.device.type == "cpu"
+    if backend == "cpp" and not on_cpu:
+        raise ValueError(f"{name}: backend='cpp' is the CPU kernel; input is on {input.device}")
+    if backend == "triton":
+        if on_cpu and not _triton_interpreter():
+            raise ValueError(f"{name}: backend='triton' needs CUDA tensors (CPU tensors only under "
+                             "TRITON_INTERPRET=1); on CPU use 'auto' or 'cpp'")
+        if input.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}: backend='triton' supports float32, float16 and bfloat16, got {input.dtype}")
+    elif on_cpu and input.dtype not in (torch.float32, torch.float64) and backend != "reference":
+        raise TypeError(f"{name}: CPU kernels support float32 and float64, got {input.dtype}")
+
+
+def _triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors (slowly); how the tests check the Triton backend."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_ops():
+    """Registers the dynconv::*_triton ops (imported lazily: triton is optional, and slow to import)."""
+    return importlib.import_module("dynconv_ext.triton.ops")
 
 
 def _check_no_overlap(name, input, out, lo, c_out):
@@ -130,6 +162,11 @@ def _use_op(op, input, backend):
 
 def _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend):
     stride, padding, dilation, groups = conv_args
+    if backend == "triton":
+        _triton_ops()
+        torch.ops.dynconv.conv2d_into_triton(input, weight, bias, out, channel_offset, list(stride), list(padding),
+                                             list(dilation), groups, ACTIVATIONS[activation])
+        return out
     if not _use_op("conv2d_into_", input, backend):
         return conv2d_into_reference(input, weight, bias, out, channel_offset, stride, padding, dilation, groups,
                                      activation)
@@ -164,7 +201,7 @@ def conv2d_into(
             the slice are untouched.
         channel_offset: first channel of ``out`` written.
         activation: None, ``"relu"`` or ``"relu6"``, fused into the write.
-        backend: ``"auto"``, ``"cpp"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
     """
     if backend not in INTO_BACKENDS:
         raise ValueError(f"conv2d_into: backend must be one of {INTO_BACKENDS}, got {backend!r}")
@@ -172,10 +209,7 @@ def conv2d_into(
         raise ValueError(f"conv2d_into: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups)
-    if backend == "cpp" and input.device.type != "cpu":
-        raise ValueError(f"conv2d_into: backend='cpp' is the CPU kernel; input is on {input.device}")
-    if input.device.type == "cpu" and input.dtype not in (torch.float32, torch.float64) and backend != "reference":
-        raise TypeError(f"conv2d_into: CPU kernels support float32 and float64, got {input.dtype}")
+    _check_backend("conv2d_into", backend, input)
     conv_args = (stride, padding, dilation, groups)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, out)):
         return _Conv2dIntoFn.apply(input, weight, bias, out, channel_offset, conv_args, activation, backend)

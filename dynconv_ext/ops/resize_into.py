@@ -11,7 +11,9 @@ features; written into one preallocated channels-last buffer, that concat costs 
 Backends (``backend=``): ``"auto"`` the C++ kernel of the tensors' device: on CPU float32/float64, vectorized over
 the channels of a channels-last buffer; on CUDA (where the extension was built with CUDA, else the reference)
 float32/float64/float16/bfloat16, interpolating in fp32 for the half types as PyTorch does; ``"cpp"`` the CPU
-kernel only; ``"reference"`` pure PyTorch.
+kernel only; ``"triton"`` the Triton kernel (CUDA tensors, float32 / float16 / bfloat16; CPU tensors only under
+``TRITON_INTERPRET=1``, for tests): tiles of pixels x channels, input and ``out`` addressed through their strides,
+blended in fp32, op ``dynconv::resize_into_triton``; ``"reference"`` pure PyTorch.
 Differentiable with respect to ``input`` and the untouched part of ``out`` when gradients are needed.
 """
 import torch
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..reference import resize_into_reference
-from .conv2d_into import INTO_BACKENDS, _check_no_overlap, _use_op
+from .conv2d_into import INTO_BACKENDS, _check_backend, _check_no_overlap, _triton_ops, _use_op
 
 
 def _validate(input, out, channel_offset):
@@ -73,6 +75,10 @@ class _ResizeIntoFn(torch.autograd.Function):
 
 
 def _resize_into_raw(input, out, channel_offset, backend):
+    if backend == "triton":
+        _triton_ops()
+        torch.ops.dynconv.resize_into_triton(input, out, channel_offset)
+        return out
     if not _use_op("resize_into_", input, backend):
         return resize_into_reference(input, out, channel_offset)
     _extension.require_extension()
@@ -88,15 +94,12 @@ def resize_into(input: torch.Tensor, out: torch.Tensor, channel_offset: int, *, 
         input: ``[N, C, h, w]`` (may be a channel slice of a channels-last buffer).
         out: ``[N, C_total, H, W]`` buffer, written in place; other channels untouched.
         channel_offset: first channel of ``out`` written.
-        backend: ``"auto"``, ``"cpp"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
     """
     if backend not in INTO_BACKENDS:
         raise ValueError(f"resize_into: backend must be one of {INTO_BACKENDS}, got {backend!r}")
     _validate(input, out, channel_offset)
-    if backend == "cpp" and input.device.type != "cpu":
-        raise ValueError(f"resize_into: backend='cpp' is the CPU kernel; input is on {input.device}")
-    if input.device.type == "cpu" and input.dtype not in (torch.float32, torch.float64) and backend != "reference":
-        raise TypeError(f"resize_into: CPU kernels support float32 and float64, got {input.dtype}")
+    _check_backend("resize_into", backend, input)
     if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
         return _ResizeIntoFn.apply(input, out, channel_offset, backend)
     return _resize_into_raw(input, out, channel_offset, backend)

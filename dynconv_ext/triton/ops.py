@@ -11,6 +11,14 @@
         tensor. `output` (the forward's result) is needed when activation != 0: the gradient passes only where
         the activation did not clip. grad_weight/grad_bias: implicit GEMM over the active rows with fp32 atomic
         accumulation (not bitwise deterministic); grad_input: pulled per input pixel that an active output reads.
+    dynconv::conv2d_into_triton(input, weight, bias?, out(a!), channel_offset, stride, padding, dilation, groups,
+                                activation) -> ()
+        out[:, channel_offset : channel_offset + C_out] = act(conv2d(input, weight, bias)) in place (the fused
+        concat of dense blocks); input and out are read/written through their strides (a channel-slice view of a
+        channels-last buffer is read in place). No autograd here: the functional conv2d_into wraps it.
+    dynconv::resize_into_triton(input, out(a!), channel_offset) -> ()
+        out[:, channel_offset : channel_offset + C] = bilinear (align_corners=True) resample of input to out's
+        size (a copy when the sizes agree), in place. No autograd here: the functional resize_into wraps it.
 
 The autograd of the forward calls the backward op; grad_residual is grad_output where the activation did not
 clip at an active pixel (elementwise, in PyTorch). All index lists are compacted on the device: no host sync.
@@ -21,7 +29,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .conv2d_into import conv2d_into_triton
 from .masked_conv2d import ACT_NONE, ACT_RELU6, masked_conv2d_triton, masked_conv2d_triton_backward
+from .resize_into import resize_into_triton
 
 
 @torch.library.triton_op("dynconv::masked_conv2d_triton", mutates_args=())
@@ -71,3 +81,15 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("dynconv::masked_conv2d_triton", _backward, setup_context=_setup_context)
+
+
+@torch.library.triton_op("dynconv::conv2d_into_triton", mutates_args={"out"})
+def conv2d_into_triton_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+                          channel_offset: int, stride: List[int], padding: List[int], dilation: List[int],
+                          groups: int, activation: int) -> None:
+    conv2d_into_triton(input, weight, bias, out, channel_offset, stride, padding, dilation, groups, activation)
+
+
+@torch.library.triton_op("dynconv::resize_into_triton", mutates_args={"out"})
+def resize_into_triton_op(input: torch.Tensor, out: torch.Tensor, channel_offset: int) -> None:
+    resize_into_triton(input, out, channel_offset)
