@@ -1,4 +1,4 @@
-"""Data helpers shared by the example training programs (train_dynconv.py, train_early_exit.py).
+"""Data and process helpers shared by the example training programs (train_dynconv.py, train_early_exit.py).
 
 Data sets (the ``--data`` argument of the programs):
   digits               built in, offline: scikit-learn's 8x8 digits, upscaled to 32x32 RGB (10 classes)
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-__all__ = ["MEAN", "STD", "load_digits", "load_cifar", "load_imagefolder", "load_data", "augment", "progress"]
+__all__ = ["MEAN", "STD", "load_digits", "load_cifar", "load_imagefolder", "load_data", "augment", "progress",
+           "setup_process"]
 
 MEAN, STD = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1), torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
 
@@ -94,3 +95,28 @@ def progress(iterable, enabled, **kw):
         return tqdm(iterable, **kw)
     except ImportError:
         return iterable
+
+
+def setup_process(device_arg: str, threads: int, seed: int):
+    """Device, process group and seeds of one training process (plain run or one torchrun worker).
+
+    `device_arg` "auto" uses one GPU per process when the node has enough GPUs, else the CPU (gloo);
+    "cuda" insists on the GPUs. Returns (device, distributed, rank, world).
+    """
+    import torch.distributed as dist
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_procs
+    if device_arg == "cuda" and not enough_gpus:
+        raise SystemExit(f"--device cuda: {local_procs} process(es) per node need as many GPUs, "
+                         f"found {torch.cuda.device_count()}")
+    use_cuda = enough_gpus and device_arg != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed + rank)
+    return device, distributed, rank, world

@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dynconv_ext import models
 from dynconv_ext.nn import SparsityCriterion
-from example_data import MEAN, STD, augment, load_data, progress
+from example_data import MEAN, STD, augment, load_data, progress, setup_process
 
 
 @torch.no_grad()
@@ -117,21 +117,7 @@ def main(argv=None):
                    help="auto: one GPU per process when there are enough GPUs, else CPU")
     args = p.parse_args(argv)
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_procs
-    if args.device == "cuda" and not enough_gpus:
-        raise SystemExit(f"--device cuda: {local_procs} process(es) per node need as many GPUs, "
-                         f"found {torch.cuda.device_count()}")
-    use_cuda = enough_gpus and args.device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
+    device, distributed, rank, world = setup_process(args.device, args.threads, args.seed)
     show = not args.no_progress and rank == 0
     os.makedirs(args.out, exist_ok=True)
 

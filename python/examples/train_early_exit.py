@@ -45,7 +45,7 @@ from dynconv_ext import models
 from dynconv_ext.inference import (EarlyExitRunner, confidences, exit_prior, simulate_exits,
                                    thresholds_from_confidences)
 from dynconv_ext.profile.timing import interleaved_medians, machine_description
-from example_data import augment, load_data, progress
+from example_data import augment, load_data, progress, setup_process
 
 MODELS = ["msdnet_cifar", "msdnet_cifar_budgeted", "msdnet_imagenet", "ranet_cifar", "ranet_imagenet"]
 DEFAULT_PRIORS = "0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3,1.6,2.0"
@@ -272,25 +272,11 @@ def main(argv=None):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_procs
-    if args.device == "cuda" and not enough_gpus:
-        raise SystemExit(f"--device cuda: {local_procs} process(es) per node need as many GPUs, "
-                         f"found {torch.cuda.device_count()}")
-    use_cuda = enough_gpus and args.device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device, distributed, rank, world = setup_process(args.device, args.threads, args.seed)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if (args.resume or args.eval_only) and not os.path.exists(ckpt_path):
         raise SystemExit(f"--resume/--eval-only: {ckpt_path} not found")
     train_set, val_set, classes = load_data(args.data, args.seed)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
     show = not args.no_progress and rank == 0
     os.makedirs(args.out, exist_ok=True)
 
