@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "../conv_shape.h"
+#include "../into_checks.h"
 #include "conv_rows_forward.h"
 
 namespace dynconv::cpu {
@@ -17,17 +18,9 @@ void conv2d_into_cpu_(const at::Tensor& input, const at::Tensor& weight, const s
                              const at::Tensor& out, int64_t channel_offset, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, int64_t activation) {
   const ConvShape s = make_conv_shape_unmasked(input, weight, bias, stride, padding, dilation, groups, "conv2d_into");
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "conv2d_into: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "conv2d_into (CPU): dtype must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == s.N && out.size(2) == s.Ho && out.size(3) == s.Wo,
-              "conv2d_into: out must be [", s.N, ", C, ", s.Ho, ", ", s.Wo, "], got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == input.scalar_type(), "conv2d_into: out dtype ", out.scalar_type(),
-              " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK(out.device() == input.device(), "conv2d_into: out is on ", out.device(), ", input on ", input.device());
-  TORCH_CHECK(channel_offset >= 0 && channel_offset + s.Co <= out.size(1), "conv2d_into: channel_offset (",
-              channel_offset, ") + C_out (", s.Co, ") exceeds out's ", out.size(1), " channels");
+  check_conv2d_into(s, input, out, channel_offset, activation);
   const at::Tensor x = readable_in_place(input) ? input : input.contiguous(at::MemoryFormat::ChannelsLast);
   const InView iv = readable_in_place(input) ? in_view(input) : contiguous_in_view(s);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "../conv_shape.h"
+#include "../into_checks.h"
 #include "conv2d_into_kernels.cuh"
 
 namespace dynconv::cuda {
@@ -44,18 +45,11 @@ void conv2d_into_cuda_(const at::Tensor& input, const at::Tensor& weight, const 
                        const at::Tensor& out, int64_t channel_offset, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, int64_t activation) {
   const ConvShape s = make_conv_shape_unmasked(input, weight, bias, stride, padding, dilation, groups, "conv2d_into");
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "conv2d_into: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
   TORCH_CHECK(input.is_cuda(), "conv2d_into (CUDA): input must be a CUDA tensor, got ", input.device());
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "conv2d_into (CUDA): dtype must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == s.N && out.size(2) == s.Ho && out.size(3) == s.Wo,
-              "conv2d_into: out must be [", s.N, ", C, ", s.Ho, ", ", s.Wo, "], got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == dt, "conv2d_into: out dtype ", out.scalar_type(), " differs from input dtype ", dt);
-  TORCH_CHECK(out.device() == input.device(), "conv2d_into: out is on ", out.device(), ", input on ", input.device());
-  TORCH_CHECK(channel_offset >= 0 && channel_offset + s.Co <= out.size(1), "conv2d_into: channel_offset (",
-              channel_offset, ") + C_out (", s.Co, ") exceeds out's ", out.size(1), " channels");
+  check_conv2d_into(s, input, out, channel_offset, activation);
   if (s.out_pixels() == 0 || s.Co == 0) return;
   const c10::cuda::CUDAGuard guard(input.device());
   const Geo g = make_dense_geo(s);

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "../into_checks.h"
 #include "resize_into_kernels.cuh"
 
 namespace dynconv::cuda {
@@ -20,21 +21,12 @@ namespace {
 constexpr int kResizeThreads = 256;
 
 void resize_into_cuda_(const at::Tensor& input, const at::Tensor& out, int64_t channel_offset) {
-  TORCH_CHECK(input.dim() == 4 && out.dim() == 4, "resize_into: input and out must be 4-D, got ", input.dim(),
-              "-D and ", out.dim(), "-D");
-  TORCH_CHECK(input.scalar_type() == out.scalar_type(), "resize_into: out dtype ", out.scalar_type(),
-              " differs from input dtype ", input.scalar_type());
+  const ResizeShape r = check_resize_into(input, out, channel_offset);
   TORCH_CHECK(input.is_cuda(), "resize_into (CUDA): input must be a CUDA tensor, got ", input.device());
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "resize_into (CUDA): dtype must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(out.device() == input.device(), "resize_into: out is on ", out.device(), ", input on ", input.device());
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t Ho = out.size(2), Wo = out.size(3);
-  TORCH_CHECK(out.size(0) == N, "resize_into: out batch (", out.size(0), ") differs from input batch (", N, ")");
-  TORCH_CHECK(channel_offset >= 0 && channel_offset + C <= out.size(1), "resize_into: channel_offset (",
-              channel_offset, ") + C (", C, ") exceeds out's ", out.size(1), " channels");
-  TORCH_CHECK(H > 0 && W > 0 && Ho > 0 && Wo > 0, "resize_into: spatial sizes must be positive");
+  const int64_t N = r.N, C = r.C, H = r.H, W = r.W, Ho = r.Ho, Wo = r.Wo;
   if (N == 0 || C == 0) return;
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor slice = out.narrow(1, channel_offset, C);
