@@ -23,7 +23,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .masked_conv2d import _activate, _launch, _use_ieee
+    from .masked_conv2d import _activate, _launch, _use_ieee, split_pixel
 
     def _conv_configs():
         """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one small config under the interpreter."""
@@ -52,11 +52,7 @@ if TRITON_AVAILABLE:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         pix = tl.where(m_ok, offs_m, 0).to(tl.int64)
-        hw = Ho * Wo
-        n = pix // hw
-        rem = pix - n * hw
-        ho = rem // Wo
-        wo = rem - ho * Wo
+        n, ho, wo = split_pixel(pix, Ho, Wo)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Cog
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -110,6 +110,15 @@ if TRITON_AVAILABLE:
         return v
 
     @triton.jit
+    def split_pixel(pix, H, W):
+        """(n, h, w) of flat pixels pix = (n * H + h) * W + w (int64)."""
+        hw = H * W
+        n = pix // hw
+        rem = pix - n * hw
+        h = rem // W
+        return n, h, rem - h * W
+
+    @triton.jit
     def _unclipped_grad(g, o, ACT: tl.constexpr):
         """grad_output where the fused activation passed its input through (o: the saved output)."""
         if ACT == 1:
@@ -136,11 +145,7 @@ if TRITON_AVAILABLE:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < count
             pix = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)  # int64 flat output pixel
-            hw = Ho * Wo
-            n = pix // hw
-            rem = pix - n * hw
-            ho = rem // Wo
-            wo = rem - ho * Wo
+            n, ho, wo = split_pixel(pix, Ho, Wo)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < Cog
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -209,7 +214,6 @@ if TRITON_AVAILABLE:
             co = g * Cog + offs_n
             acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             bacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            hw = Ho * Wo
             for m0 in range(pid_s * BLOCK_M, count, SPLIT * BLOCK_M):
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 m_ok = offs_m < count
@@ -220,10 +224,7 @@ if TRITON_AVAILABLE:
                 if ACT != 0:
                     gt = _unclipped_grad(gt, tl.load(o_ptr + g_offs, mask=g_mask, other=0.0), ACT)
                 if HAS_W:
-                    n = pix // hw
-                    rem = pix - n * hw
-                    ho = rem // Wo
-                    wo = rem - ho * Wo
+                    n, ho, wo = split_pixel(pix, Ho, Wo)
                     hi = ho * stride_h - pad_h + kh * dil_h
                     wi = wo * stride_w - pad_w + kw * dil_w
                     in_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -253,11 +254,7 @@ if TRITON_AVAILABLE:
         """t[input pixel] = 1 where some tap of some active output pixel reads it (its gradient is nonzero)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < Q
-        hw = H * W
-        n = offs // hw
-        rem = offs - n * hw
-        hi = rem // W
-        wi = rem - hi * W
+        n, hi, wi = split_pixel(offs, H, W)
         hit = tl.zeros((BLOCK,), dtype=tl.int32)
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
@@ -291,11 +288,7 @@ if TRITON_AVAILABLE:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < count
             pix = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)  # int64 flat input pixel
-            hw = H * W
-            n = pix // hw
-            rem = pix - n * hw
-            hi = rem // W
-            wi = rem - hi * W
+            n, hi, wi = split_pixel(pix, H, W)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
             n_ok = offs_n < Cg
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -17,7 +17,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .masked_conv2d import _launch
+    from .masked_conv2d import _launch, split_pixel
 
     def _resize_configs():
         """(BLOCK_P, BLOCK_C, warps); one small config under the interpreter."""
@@ -36,11 +36,7 @@ if TRITON_AVAILABLE:
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         pix = tl.where(p_ok, offs_p, 0).to(tl.int64)
-        hw = H * W
-        n = pix // hw
-        rem = pix - n * hw
-        oh = rem // W
-        ow = rem - oh * W
+        n, oh, ow = split_pixel(pix, H, W)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         mask = p_ok[:, None] & c_ok[None, :]
