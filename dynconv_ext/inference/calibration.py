@@ -67,7 +67,7 @@ def collect_logits(net: EarlyExitNet, data: Iterable, progress: bool = False):
     p = next(net.parameters())
     for batch in tqdm(data, desc="calibration logits", disable=not progress, leave=False):
         images, target = batch if isinstance(batch, (list, tuple)) else (batch, None)
-        outs.append(torch.stack([o for o in net(images.to(device=p.device, dtype=p.dtype))]).cpu())
+        outs.append(torch.stack(net(images.to(device=p.device, dtype=p.dtype))).cpu())
         if target is not None:
             labels.append(torch.as_tensor(target))
     return torch.cat(outs, dim=1), (torch.cat(labels) if labels else None)

@@ -20,6 +20,8 @@ from typing import Any, List, Sequence
 import torch
 from torch import nn
 
+from ..profile.macs import LayerMacs
+
 
 def index_state(state: Any, index: torch.Tensor) -> Any:
     """``state`` with every tensor restricted to the samples ``index`` (dim 0); lists, tuples and dicts are
@@ -68,30 +70,18 @@ class EarlyExitNet(nn.Module):
         """Per-sample multiply-accumulates of each stage: entry k is what reaching exit k costs beyond exit k-1
         (the stem is in entry 0), counted layer by layer (every Conv2d and Linear) on the unfused path."""
         size = tuple(input_size or self.input_size)
-        counts = [0]
-
-        def conv_hook(m, inp, out):
-            counts[-1] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-
-        def linear_hook(m, inp, out):
-            counts[-1] += out.numel() * m.in_features
-
-        hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-                 for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         was_training, was_fused = self.training, self.fused
         try:
             self.eval()
             self.fused = False
             p = next(self.parameters())
-            state = self.begin(torch.zeros((1,) + size, dtype=p.dtype, device=p.device))
             per_exit = []
-            for k in range(self.num_exits):
-                state, _ = self.step(state, k)
-                per_exit.append(counts[-1])
-                counts.append(0)
+            with LayerMacs(self) as counter:
+                state = self.begin(torch.zeros((1,) + size, dtype=p.dtype, device=p.device))
+                for k in range(self.num_exits):
+                    state, _ = self.step(state, k)
+                    per_exit.append(counter.total - sum(per_exit))
         finally:
-            for h in hooks:
-                h.remove()
             self.train(was_training)
             self.fused = was_fused
         return per_exit

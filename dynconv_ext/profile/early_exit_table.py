@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import models
 from ..inference import EarlyExitRunner, exit_prior, thresholds_from_confidences, confidences
+from .macs import LayerMacs
 from .timing import interleaved_medians
 
 EARLY_EXIT_MODELS = {
@@ -112,19 +113,9 @@ def resnet50_cifar(num_classes: int = 100) -> nn.Module:
 
 
 def _static_macs(net: nn.Module, x: torch.Tensor) -> int:
-    count = [0]
-
-    def hook(m, inp, out):
-        if isinstance(m, nn.Conv2d):
-            count[0] += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            count[0] += out.numel() * m.in_features
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.inference_mode():
+    with torch.inference_mode(), LayerMacs(net) as counter:
         net(x[:1])
-    for h in hooks:
-        h.remove()
-    return count[0]
+    return counter.total
 
 
 def measure_static_comparison(batch: int = 1, reps: int = 20, prior: float = 1.0, calib_batch: int = 256
