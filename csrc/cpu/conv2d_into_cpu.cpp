@@ -5,8 +5,6 @@
 // slice's channel offset, so neither side of the layer copies features.
 #include <torch/library.h>
 
-#include <numeric>
-
 #include "../conv_shape.h"
 #include "../into_checks.h"
 #include "conv_rows_forward.h"
@@ -25,8 +23,6 @@ void conv2d_into_cpu_(const at::Tensor& input, const at::Tensor& weight, const s
   const InView iv = readable_in_place(input) ? in_view(input) : contiguous_in_view(s);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   at::Tensor slice = out.narrow(1, channel_offset, s.Co);
-  std::vector<int64_t> rows(static_cast<size_t>(s.out_pixels()));
-  std::iota(rows.begin(), rows.end(), int64_t(0));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_into_cpu", [&] {
     const OutView ov = out_view(slice);
     scalar_t* op = slice.data_ptr<scalar_t>();
@@ -34,9 +30,9 @@ void conv2d_into_cpu_(const at::Tensor& input, const at::Tensor& weight, const s
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int act = static_cast<int>(activation);
     if (s.Cg == 1)
-      forward_depthwise<scalar_t>(s, xp, iv, weight, bp, rows.data(), s.out_pixels(), op, ov, false, act, nullptr);
+      forward_depthwise<scalar_t>(s, xp, iv, weight, bp, /*rows=all*/ nullptr, s.out_pixels(), op, ov, false, act, nullptr);
     else
-      forward_gemm<scalar_t>(s, xp, iv, weight, bp, rows.data(), s.out_pixels(), op, ov, false, act, nullptr);
+      forward_gemm<scalar_t>(s, xp, iv, weight, bp, /*rows=all*/ nullptr, s.out_pixels(), op, ov, false, act, nullptr);
   });
 }
 

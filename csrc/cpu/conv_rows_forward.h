@@ -118,6 +118,8 @@ inline std::pair<int64_t, int64_t> zero_slice(const ConvShape& s, int64_t b, int
 // tile and go straight to the rows' output pixels with the bias (and residual) added.
 // Chosen by interleaved A/B runs against dense conv on a 2-core AVX2 machine (64ch 56x56 3x3, batch 8):
 // 12 rows x a 12 KiB weight chunk keeps A, B and the result tile within a 32 KiB L1.
+// `rows` lists the M output pixels to compute (flat, raster order); nullptr means all of them, 0..M-1 (a dense
+// conv such as conv2d_into: no index map to build or read).
 constexpr int64_t kBlocksPerMacro = 2;
 constexpr int64_t kTapBytes = 12288;
 
@@ -150,7 +152,8 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
   const auto macro_ptrs = [&](int64_t mb, const T** ptr, int64_t* out_offs) {
     const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
     for (int64_t r = 0; r < macro_rows; ++r) {
-      const int64_t p = rows[r0 + std::min(r, mt - 1)];
+      const int64_t i = r0 + std::min(r, mt - 1);
+      const int64_t p = rows ? rows[i] : i;
       const int64_t n = p / hw, rem = p - n * hw, ho = rem / s.Wo, wo = rem - ho * s.Wo;
       out_offs[r] = n * ov.sN + ho * ov.sH + wo * ov.sW;
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
@@ -190,7 +193,7 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
         // one's, which the hardware prefetcher already streams.
         const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
         for (int64_t r = 0; r < nt; ++r) {
-          if (r > 0 && rows[n0 + r] == rows[n0 + r - 1] + 1) continue;
+          if (r > 0 && (!rows || rows[n0 + r] == rows[n0 + r - 1] + 1)) continue;
           const T* const* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
           for (int64_t t = 0; t < taps; ++t)
             if (o[t * kMR] != zp)
@@ -238,7 +241,7 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
 }
 
 // Depthwise-style groups (one input channel per group): a GEMM would be 1 column wide, so compute
-// directly, vectorized over channels of the channels-last input.
+// directly, vectorized over channels of the channels-last input. `rows` as for forward_gemm.
 template <typename T>
 void forward_depthwise(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
                        const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
@@ -256,7 +259,7 @@ void forward_depthwise(const ConvShape& s, const T* x, const InView& iv, const a
     }
     std::vector<T> acc(static_cast<size_t>(s.Co));
     for (int64_t r = rb; r < re; ++r) {
-      const PixelCoord pc = coord(s, rows[r]);
+      const PixelCoord pc = coord(s, rows ? rows[r] : r);
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t t = 0; t < s.taps(); ++t) {
         const int64_t hi = pc.ho * s.SH - s.PH + (t / s.KW) * s.DH, wi = pc.wo * s.SW - s.PW + (t % s.KW) * s.DW;
