@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.blocks import fold_bn
+from ..nn.blocks import bn_scale_shift, fold_bn
 from ..ops import conv2d_into, resize_into
 from .early_exit import EarlyExitNet, index_state
 
@@ -408,8 +408,7 @@ class RANet(EarlyExitNet):
         hit = self._fold_cache.get(bn)
         if hit is None or hit[0] != stamp:
             with torch.no_grad():
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                shift = bn.bias - bn.running_mean * scale
+                scale, shift = bn_scale_shift(bn)
                 hit = (stamp, scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
             self._fold_cache[bn] = hit
         return hit[1], hit[2]

@@ -10,11 +10,16 @@ from ..reference import expand_block_mask
 from .gates import MaskUnit
 
 
+def bn_scale_shift(bn: nn.BatchNorm2d):
+    """(scale, shift) [C] with bn(x) == x * scale + shift per channel (eval statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """Weight and bias of conv followed by bn (eval statistics), as one conv."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale, b = bn_scale_shift(bn)
     w = conv.weight * scale.reshape(-1, 1, 1, 1)
-    b = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         b = b + conv.bias * scale
     return w, b
