@@ -59,13 +59,18 @@ def thresholds_from_confidences(conf: torch.Tensor, prior: Sequence[float]) -> t
 def collect_logits(net: EarlyExitNet, data: Iterable, progress: bool = False):
     """Every exit's logits on ``data`` (a DataLoader of (images, labels), or a list of such pairs, or a
     tensor of images): returns ([K, N, classes] logits, labels or None)."""
-    from tqdm.auto import tqdm
     net.eval()
     if isinstance(data, torch.Tensor):
         data = [(data, None)]
+    if progress:
+        try:  # tqdm is optional (the bench/test extras), not a dependency of the package
+            from tqdm.auto import tqdm
+            data = tqdm(data, desc="calibration logits", leave=False)
+        except ImportError:
+            pass
     outs, labels = [], []
     p = next(net.parameters())
-    for batch in tqdm(data, desc="calibration logits", disable=not progress, leave=False):
+    for batch in data:
         images, target = batch if isinstance(batch, (list, tuple)) else (batch, None)
         outs.append(torch.stack(net(images.to(device=p.device, dtype=p.dtype))).cpu())
         if target is not None:
