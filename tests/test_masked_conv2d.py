@@ -305,3 +305,39 @@ def test_shared_rows_index_map():
                                masked_conv2d(x, w, None, m, 1, 1, backend="cpp"))
     with pytest.raises(RuntimeError, match="rows has"):
         masked_conv2d(x, w, None, m, 1, 1, rows=rows[:-1], backend="cpp")
+    # Right count, wrong content: rejected before any memory is indexed with it.
+    bad_rows = {
+        "unsorted": rows.flip(0),
+        "out of range": torch.cat([rows[:-1], rows.new_tensor([2 * 9 * 9])]),
+        "inactive pixel": torch.cat([rows[:-1], (~m).repeat_interleave(3, 1).repeat_interleave(3, 2)
+                                     .reshape(-1).nonzero()[-1:, 0]]),
+    }
+    for name, bad in bad_rows.items():
+        with pytest.raises(RuntimeError, match="not this mask's index map"):
+            masked_conv2d(x, w, None, m, 1, 1, rows=bad, backend="cpp")
+
+
+@pytest.mark.parametrize("pattern", ["first_and_last_off", "first_and_last_on", "single", "runs"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_inactive_pixels_are_zero_whatever_the_gaps(pattern, layout):
+    # The channels-last kernel zeroes each gap between consecutive active pixels as it writes them (and the
+    # tail after the last); memory starts as garbage so a missed gap shows.
+    torch.manual_seed(3)
+    x, w, b = torch.randn(3, 8, 7, 6), torch.randn(16, 8, 3, 3), torch.randn(16)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    m = torch.zeros(3, 7, 6, dtype=torch.bool)
+    if pattern == "first_and_last_off":
+        m[1, 3, 2:5] = True
+    elif pattern == "first_and_last_on":
+        m[0, 0, 0] = m[2, 6, 5] = m[1, 2, 3] = True
+    elif pattern == "single":
+        m[2, 4, 1] = True
+    else:
+        m = torch.rand(3, 7, 6) < 0.4
+    for _ in range(3):  # fresh outputs may reuse the previous call's (non-zero) memory
+        torch.empty(3 * 16 * 7 * 6).fill_(float("nan"))
+        out = masked_conv2d(x, w, b, m, 1, 1, backend="cpp")
+        ref = (torch.nn.functional.conv2d(x, w, b, 1, 1) * m[:, None])
+        torch.testing.assert_close(out, ref)
+        assert torch.all(out.permute(0, 2, 3, 1)[~m] == 0)

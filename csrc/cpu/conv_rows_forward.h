@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -37,24 +38,26 @@ inline PixelCoord coord(const ConvShape& s, int64_t p) {
 
 // Packs the weights of every group into 16-column panels:
 //   packed[((g * panels + p) * K + k) * 16 + j] = weight[g*Cog + p*16 + j, c, kh, kw], k = (kh*KW + kw)*Cg + c.
+// A tensor, not a vector: the CPU allocator aligns to 64 bytes, so each 16-float panel row is one cache line
+// and B loads never split lines. Read straight from the [Co, Cg, KH, KW] weight (no permuted copy), one
+// (panel, tap) slab per work item so both threads share the packing: it runs on every call.
 template <typename T>
 at::Tensor pack_weight_panels(const ConvShape& s, const at::Tensor& weight) {
-  // [Co, Cg, KH, KW] -> [Co, K] with k = tap*Cg + c (one ATen permute-copy), then each panel interleaves
-  // 16 contiguous rows: reads and writes both stream. A tensor, not a vector: the CPU allocator aligns
-  // to 64 bytes, so each 16-float panel row is one cache line and B loads never split lines.
-  const at::Tensor wk = weight.permute({0, 2, 3, 1}).contiguous();
-  const T* wp = wk.data_ptr<T>();
-  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR);
+  const at::Tensor w = weight.contiguous();
+  const T* wp = w.data_ptr<T>();
+  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps();
   at::Tensor packed = at::empty({s.G * panels * K * kNR}, weight.options());
   T* pk = packed.data_ptr<T>();
-  at::parallel_for(0, s.G * panels, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t gp = b; gp < e; ++gp) {
-      const int64_t g = gp / panels, p = gp % panels, nvalid = std::min(kNR, s.Cog - p * kNR);
-      T* dst = pk + gp * K * kNR;
-      const T* src = wp + (g * s.Cog + p * kNR) * K;
-      for (int64_t k = 0; k < K; ++k) {
-        T* d = dst + k * kNR;
-        for (int64_t j = 0; j < nvalid; ++j) d[j] = src[j * K + k];
+  const int64_t grain = std::max<int64_t>(1, 8192 / (s.Cg * kNR));
+  at::parallel_for(0, s.G * panels * taps, grain, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t gp = item / taps, t = item % taps, g = gp / panels, p = gp % panels;
+      const int64_t nvalid = std::min(kNR, s.Cog - p * kNR);
+      T* dst = pk + (gp * K + t * s.Cg) * kNR;
+      const T* src = wp + (g * s.Cog + p * kNR) * s.Cg * taps + t;  // filter j, channel c: src[(j*Cg + c)*taps]
+      for (int64_t c = 0; c < s.Cg; ++c) {
+        T* d = dst + c * kNR;
+        for (int64_t j = 0; j < nvalid; ++j) d[j] = src[(j * s.Cg + c) * taps];
         for (int64_t j = nvalid; j < kNR; ++j) d[j] = T(0);
       }
     }
@@ -104,6 +107,20 @@ void zero_inactive(const ConvShape& s, const bool* mask, int64_t nh_begin, int64
       wo = end;
     }
   }
+}
+
+// Guided self-scheduling over [0, n): a thread claims max(2, remaining / (2 * workers)) items at a time, so
+// big chunks early and small ones at the end leave no thread waiting long for a slower one (a shared VM
+// core, a denser stretch of the mask). Returns false when nothing is left.
+inline bool claim_chunk(std::atomic<int64_t>& next, int64_t n, int64_t workers, int64_t& begin, int64_t& end) {
+  int64_t b = next.load(std::memory_order_relaxed), c = 0;
+  do {
+    if (b >= n) return false;
+    c = std::max<int64_t>(2, (n - b) / (2 * std::max<int64_t>(workers, 1)));
+  } while (!next.compare_exchange_weak(b, b + c, std::memory_order_relaxed));
+  begin = b;
+  end = std::min(n, b + c);
+  return true;
 }
 
 // The slice of image rows a chunk [b, e) of n work items zeroes: proportional, so slices tile [0, N*Ho).
@@ -170,68 +187,84 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
     }
   };
   const int64_t line = 64 / sizeof(T);
-  at::parallel_for(0, nmacro, 2, [&](int64_t mb_begin, int64_t mb_end) {
-    if (zero_mask) {
-      const auto [z0, z1] = zero_slice(s, mb_begin, mb_end, nmacro);
-      zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
-    }
+  // A contiguous channels-last output is raster-ordered pixel after pixel: the inactive pixels between two
+  // consecutive active rows are one memset, done as each row is written, so the zero stores overlap the
+  // FMA-bound microkernel instead of taking a memory-bound pass of their own.
+  const bool zero_gaps = zero_mask && rows && ov.sC == 1 && ov.sW == s.Co && ov.sH == s.Wo * s.Co &&
+                         ov.sN == s.Ho * s.Wo * s.Co;
+  std::atomic<int64_t> next_macro{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(nmacro, 2));
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     std::vector<const T*> cur(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
     std::vector<int64_t> out_offs(static_cast<size_t>(macro_rows)), next_out(static_cast<size_t>(macro_rows));
     std::vector<const T*> grouped(static_cast<size_t>(s.G > 1 ? per_macro : 0));
     std::vector<T> ctile(static_cast<size_t>(macro_rows * ldc));
-    macro_ptrs(mb_begin, next.data(), next_out.data());
-    for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
-      const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
-      const int64_t nblk = ceil_div(mt, kMR);
-      cur.swap(next);
-      out_offs.swap(next_out);
-      // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
-      // rows while this one computes. (Prefetching 2 or 3 macro blocks ahead measured no better.)
-      if (mb + 1 < mb_end) {
-        macro_ptrs(mb + 1, next.data(), next_out.data());
-        // Only rows that start a run: in channels-last memory the next pixel's input follows the previous
-        // one's, which the hardware prefetcher already streams.
-        const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
-        for (int64_t r = 0; r < nt; ++r) {
-          if (r > 0 && (!rows || rows[n0 + r] == rows[n0 + r - 1] + 1)) continue;
-          const T* const* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
-          for (int64_t t = 0; t < taps; ++t)
-            if (o[t * kMR] != zp)
-              for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(o[t * kMR] + e, 0, 2);  // to L2, not L1
-        }
+    int64_t mb_begin, mb_end;
+    while (claim_chunk(next_macro, nmacro, workers, mb_begin, mb_end)) {
+      if (zero_mask && !zero_gaps) {
+        const auto [z0, z1] = zero_slice(s, mb_begin, mb_end, nmacro);
+        zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
       }
-      for (int64_t g = 0; g < s.G; ++g) {
-        const T* const* ptrs = cur.data();
-        if (s.G > 1) {  // shift to group g's channels (never the zero row)
-          for (int64_t q = 0; q < nblk * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
-          ptrs = grouped.data();
+      macro_ptrs(mb_begin, next.data(), next_out.data());
+      for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
+        const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
+        const int64_t nblk = ceil_div(mt, kMR);
+        cur.swap(next);
+        out_offs.swap(next_out);
+        // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
+        // rows while this one computes. (Prefetching 2 or 3 macro blocks ahead measured no better.)
+        if (mb + 1 < mb_end) {
+          macro_ptrs(mb + 1, next.data(), next_out.data());
+          // Only rows that start a run: in channels-last memory the next pixel's input follows the previous
+          // one's, which the hardware prefetcher already streams.
+          const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
+          for (int64_t r = 0; r < nt; ++r) {
+            if (r > 0 && (!rows || rows[n0 + r] == rows[n0 + r - 1] + 1)) continue;
+            const T* const* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
+            for (int64_t t = 0; t < taps; ++t)
+              if (o[t * kMR] != zp)
+                for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(o[t * kMR] + e, 0, 2);  // to L2, not L1
+          }
         }
-        const T* wg = wpack + g * panels * K * kNR;
-        for (int64_t t0 = 0; t0 < taps; t0 += tap_chunk) {
-          const int64_t tc = std::min(tap_chunk, taps - t0);
-          for (int64_t p = 0; p < panels; ++p)
-            for (int64_t blk = 0; blk < nblk; ++blk)
-              conv_block_6x16<T>(tc, s.Cg, ptrs + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
-                                 ctile.data() + blk * kMR * ldc + p * kNR, ldc, t0 > 0);
-        }
-        const T* bg = bias ? bias + g * s.Cog : nullptr;
-        for (int64_t r = 0; r < mt; ++r) {
-          T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
-          const T* src = ctile.data() + r * ldc;
-          if (ov.sC == 1 && !add && !relu) {  // channels-last output, plain conv: the common, vectorized case
-            if (bg)
-              for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + bg[j];
-            else
-              std::memcpy(dst, src, s.Cog * sizeof(T));
-          } else if (ov.sC == 1) {
-            for (int64_t j = 0; j < s.Cog; ++j) {
-              T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j] : T(0));
-              dst[j] = apply_act(v, act);
+        for (int64_t g = 0; g < s.G; ++g) {
+          const T* const* ptrs = cur.data();
+          if (s.G > 1) {  // shift to group g's channels (never the zero row)
+            for (int64_t q = 0; q < nblk * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
+            ptrs = grouped.data();
+          }
+          const T* wg = wpack + g * panels * K * kNR;
+          for (int64_t t0 = 0; t0 < taps; t0 += tap_chunk) {
+            const int64_t tc = std::min(tap_chunk, taps - t0);
+            for (int64_t p = 0; p < panels; ++p)
+              for (int64_t blk = 0; blk < nblk; ++blk)
+                conv_block_6x16<T>(tc, s.Cg, ptrs + (blk * taps + t0) * kMR, wg + (p * K + t0 * s.Cg) * kNR,
+                                   ctile.data() + blk * kMR * ldc + p * kNR, ldc, t0 > 0);
+          }
+          const T* bg = bias ? bias + g * s.Cog : nullptr;
+          for (int64_t r = 0; r < mt; ++r) {
+            if (zero_gaps && g == 0) {  // the gap before this row (and after the last one)
+              const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
+              if (rows[i] > from) std::memset(out + from * s.Co, 0, (rows[i] - from) * s.Co * sizeof(T));
+              if (i == M - 1 && rows[i] + 1 < s.out_pixels())
+                std::memset(out + (rows[i] + 1) * s.Co, 0, (s.out_pixels() - rows[i] - 1) * s.Co * sizeof(T));
             }
-          } else {
-            for (int64_t j = 0; j < s.Cog; ++j) {
-              T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j * ov.sC] : T(0));
-              dst[j * ov.sC] = apply_act(v, act);
+            T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
+            const T* src = ctile.data() + r * ldc;
+            if (ov.sC == 1 && !add && !relu) {  // channels-last output, plain conv: the common, vectorized case
+              if (bg)
+                for (int64_t j = 0; j < s.Cog; ++j) dst[j] = src[j] + bg[j];
+              else
+                std::memcpy(dst, src, s.Cog * sizeof(T));
+            } else if (ov.sC == 1) {
+              for (int64_t j = 0; j < s.Cog; ++j) {
+                T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j] : T(0));
+                dst[j] = apply_act(v, act);
+              }
+            } else {
+              for (int64_t j = 0; j < s.Cog; ++j) {
+                T v = src[j] + (bg ? bg[j] : T(0)) + (add ? dst[j * ov.sC] : T(0));
+                dst[j * ov.sC] = apply_act(v, act);
+              }
             }
           }
         }

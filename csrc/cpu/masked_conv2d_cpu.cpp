@@ -70,7 +70,8 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
 
   // Decide dense vs sparse from the count alone; the row list is built only for the sparse path.
   const at::Tensor mask_cells = mask.contiguous();
-  const int64_t n_active = count_active(s, mask_cells.data_ptr<bool>());
+  const std::vector<int64_t> prefix = image_row_prefix(s, mask_cells.data_ptr<bool>());
+  const int64_t n_active = prefix.back();
   const double density = s.out_pixels() ? double(n_active) / double(s.out_pixels()) : 0.0;
   if (n_active > 0 && density >= dense_threshold) {
     // Dense fallback: oneDNN's conv, inactive pixels zeroed in place (one pass, no expanded mask).
@@ -105,7 +106,11 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
                 " entries but the mask selects ", n_active, " pixels");
   }
   const at::Tensor rows_c = have_rows ? given_rows->contiguous() : at::Tensor();
-  const ActiveRows act = have_rows ? ActiveRows{} : build_active_rows(s, mask_cells, /*with_inverse=*/false);
+  const ActiveRows act = have_rows ? ActiveRows{} : build_active_rows(s, mask_cells.data_ptr<bool>(), prefix, /*with_inverse=*/false);
+  if (have_rows)
+    TORCH_CHECK(rows_match_mask(s, mask_cells.data_ptr<bool>(), rows_c.data_ptr<int64_t>(), rows_c.numel()),
+                "masked_conv2d: rows is not this mask's index map (expected the strictly increasing flat indices "
+                "of its active pixels, as dynconv_ext.ops.active_rows returns)");
   const int64_t* row_ptr = have_rows ? rows_c.data_ptr<int64_t>() : act.rows.data();
   const int64_t n_rows = have_rows ? rows_c.numel() : static_cast<int64_t>(act.rows.size());
   at::Tensor out;
