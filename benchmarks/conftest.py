@@ -29,7 +29,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _TABLES:
         return
     from dynconv_ext.profile import machine_description
-    from dynconv_ext.profile.masked_conv_table import COLUMNS, format_markdown, plot, write_csv
+    from dynconv_ext.profile.masked_conv_table import COLUMNS, TIMING_NOTE, format_markdown, plot, write_csv
     machine = machine_description()
     out = config.getoption("--bench-out")
     for name, rows in _TABLES.items():
@@ -40,8 +40,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             os.makedirs(out, exist_ok=True)
             write_csv(rows, os.path.join(out, f"{name}.csv"))
             with open(os.path.join(out, f"{name}.md"), "w") as f:
+                note = f"{TIMING_NOTE}\n\n" if name == "masked_conv2d_cpu_forward" else ""
                 f.write(f"# {name}\n\nMachine: {machine}\n\nCommand: `pytest --benchmark --bench-out {out}`\n\n"
-                        f"{format_markdown(rows, cols)}\n")
+                        f"{note}{format_markdown(rows, cols)}\n")
             if cols is None or cols == COLUMNS:
                 plot(rows, os.path.join(out, f"{name}.png"), title=machine)
             elif name == "early_exit_budgeted_cpu":

@@ -1,7 +1,8 @@
 """MAC-vs-latency of masked_conv2d on ResNet layer shapes (run with `pytest --benchmark`).
 
 Each case times dense NCHW, dense channels-last, ours (auto and the sparse kernel) and the plain-PyTorch
-gather-scatter in alternation (dynconv_ext.profile.interleaved_medians); pytest-benchmark's fixture
+gather-scatter in alternation (dynconv_ext.profile.interleaved_medians, bursts of
+masked_conv_table.TABLE_BURST calls: warm medians, plus the cold first call of each burst); pytest-benchmark's fixture
 additionally records the distribution of our op's time.
 """
 import pytest
@@ -62,6 +63,7 @@ def test_masked_conv2d_forward_backward(channels, size, batch, density, bench_ro
         "macs_dense_M": 3 * conv2d_macs(w.shape, mask.numel()) / 1e6, "auto_ms": t["ours"],
         "sparse_kernel_ms": t["ours"], "dense_ms": dense_ms, "speedup": dense_ms / t["ours"],
         "kernel_speedup": dense_ms / t["ours"], "ideal_speedup": mask.numel() / max(active, 1),
-        "torch_gather_scatter_ms": float("nan"),
+        "torch_gather_scatter_ms": float("nan"), "auto_cold_ms": float("nan"), "dense_cold_ms": float("nan"),
+        "cold_speedup": float("nan"),
     })
     assert t["ours"] > 0

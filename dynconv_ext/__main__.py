@@ -36,7 +36,8 @@ def cmd_info(_args) -> int:
 
 def cmd_bench(args) -> int:
     from dynconv_ext.profile import machine_description
-    from dynconv_ext.profile.masked_conv_table import default_cases, format_markdown, plot, run_table, write_csv
+    from dynconv_ext.profile.masked_conv_table import (TIMING_NOTE, default_cases, format_markdown, plot, run_table,
+                                                       write_csv)
     torch.set_num_threads(args.threads)
     cases = default_cases(batches=args.batch, densities=args.densities, blocks=args.blocks, kernels=args.kernels)
     machine = machine_description()
@@ -49,7 +50,7 @@ def cmd_bench(args) -> int:
         write_csv(rows, os.path.join(args.out, "masked_conv2d_cpu.csv"))
         with open(os.path.join(args.out, "masked_conv2d_cpu.md"), "w") as f:
             f.write(f"# masked_conv2d on CPU\n\nMachine: {machine}\n\nCommand: `python -m dynconv_ext bench "
-                    f"{' '.join(sys.argv[2:])}`\n\n{table}\n")
+                    f"{' '.join(sys.argv[2:])}`\n\n{TIMING_NOTE}\n\n{table}\n")
         if plot(rows, os.path.join(args.out, "masked_conv2d_cpu.png"), title=machine):
             print(f"plot: {os.path.join(args.out, 'masked_conv2d_cpu.png')}")
         print(f"wrote {args.out}/masked_conv2d_cpu.{{csv,md}}")

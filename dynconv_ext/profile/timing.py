@@ -6,23 +6,32 @@ import platform
 import random
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
-                        min_time_s: float = 0.0, grad: bool = False) -> Dict[str, float]:
+                        min_time_s: float = 0.0, grad: bool = False, burst: int = 1,
+                        cold: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """Median wall time (ms) of each callable, measured in alternation, after `warmup` calls each.
 
     Runs under torch.inference_mode() unless grad=True (for forward+backward candidates).
     With min_time_s > 0, repetitions continue (past `reps`) until every candidate has run that long.
+    With burst > 1, each turn calls a candidate `burst` times back to back and times all but the first
+    (warm timings, as a layer called in a loop sees them): the first call after another candidate pays for
+    that one's evicted caches and, with glibc's malloc, often for page-faulting a freshly returned output
+    buffer (~1.8 ms for a 6 MB output on the 2-core dev machine), which made per-call medians bimodal.
+    Pass a dict as `cold` to receive the median of those first calls too (ms).
     """
+    if burst < 1:
+        raise ValueError(f"interleaved_medians: burst must be >= 1, got {burst}")
     with contextlib.nullcontext() if grad else torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
         times = {name: [] for name in fns}
+        firsts = {name: [] for name in fns}
         rng = random.Random(0)
         start = time.perf_counter()
         i = 0
@@ -33,10 +42,17 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, wa
             names = list(fns)
             rng.shuffle(names)
             for name in names:
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - t0)
+                for call in range(burst):
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    dt = time.perf_counter() - t0
+                    if call == 0:
+                        firsts[name].append(dt)
+                    if burst == 1 or call > 0:
+                        times[name].append(dt)
             i += 1
+    if cold is not None:
+        cold.update({name: statistics.median(t) * 1e3 for name, t in firsts.items()})
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
