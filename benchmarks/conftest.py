@@ -43,7 +43,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note = f"{TIMING_NOTE}\n\n" if name == "masked_conv2d_cpu_forward" else ""
                 f.write(f"# {name}\n\nMachine: {machine}\n\nCommand: `pytest --benchmark --bench-out {out}`\n\n"
                         f"{note}{format_markdown(rows, cols)}\n")
-            if cols is None or cols == COLUMNS:
+            if cols is None or name.startswith("masked_conv2d_cpu"):
                 plot(rows, os.path.join(out, f"{name}.png"), title=machine)
             elif name == "early_exit_budgeted_cpu":
                 from dynconv_ext.profile.early_exit_table import plot_budgeted

@@ -36,9 +36,11 @@ TRAIN_CASES = [(64, 56, 8, 0.25), (64, 56, 8, 0.5), (128, 28, 8, 0.25)]
 
 
 @pytest.mark.parametrize("channels,size,batch,density", TRAIN_CASES)
-def test_masked_conv2d_forward_backward(channels, size, batch, density, bench_rows, request):
+def test_masked_conv2d_forward_backward(channels, size, batch, density, bench_rows, bench_columns, request):
     """Forward + backward (input, weight, bias grads) of a 3x3 conv: ours vs dense (channels-last)."""
     from dynconv_ext.profile import conv2d_macs, interleaved_medians
+    from dynconv_ext.profile.masked_conv_table import COLUMNS
+    bench_columns["masked_conv2d_cpu_fwd_bwd"] = [c for c in COLUMNS if c[0] != "cold_speedup"]  # single calls
     reps = max(5, request.config.getoption("--bench-reps") // 2)
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(channels, channels, 3, 3, requires_grad=True)

@@ -81,6 +81,31 @@ def test_runtime_equals_simulation_and_shrinks_the_batch():
         torch.testing.assert_close(out.logits[i], logits[out.exits[i]][i])
 
 
+@pytest.mark.parametrize("micro_batch", [1, 7, 40, 64])
+def test_micro_batches_give_the_same_answers(micro_batch):
+    net = ToyNet().double()
+    x = torch.randn(40, 3, 4, 4, dtype=torch.float64)
+    th = calibrate_thresholds(net, x, prior=0.8)
+    whole = EarlyExitRunner(net, th)(x)
+    run = EarlyExitRunner(net, th, micro_batch=micro_batch)
+    run.cumulative_macs(x.shape[1:])
+    net.seen.clear()
+    out = run(x)
+    assert torch.equal(out.exits, whole.exits) and torch.equal(out.predictions, whole.predictions)
+    assert torch.equal(out.macs, whole.macs)
+    torch.testing.assert_close(out.logits, whole.logits)
+    assert max(b for _, b in net.seen) == min(micro_batch, 40)  # no stage saw more than one chunk
+    any2 = run.anytime(x, exit=1)
+    ref2 = EarlyExitRunner(net, th).anytime(x, exit=1)
+    assert torch.equal(any2.predictions, ref2.predictions) and any2.logits.shape == ref2.logits.shape
+    assert run(x[:0]).exits.numel() == 0
+
+
+def test_micro_batch_must_be_positive():
+    with pytest.raises(ValueError, match="micro_batch"):
+        EarlyExitRunner(ToyNet(), [0.1, 0.2, 0.3], micro_batch=0)
+
+
 @pytest.mark.parametrize("fraction", [0.3, 1.0])
 def test_lazy_compaction_gives_the_same_answers(fraction):
     net = ToyNet().double()

@@ -50,11 +50,13 @@ IntOr2 = Union[int, Tuple[int, int]]
 # When backend="auto" computes densely (then masks) instead of sparsely, on CPU. Measured with
 # `python -m dynconv_ext crossover` and `bench` on a 2-core AVX2 machine (benchmarks/results/): on large
 # outputs the sparse kernel loses to oneDNN's dense conv only above ~0.9 density for kxk kernels; 1x1
-# convs are memory-bound, and with few channels (64) they lose above ~0.45, with 128+ above ~0.8.
+# convs are memory-bound, and with few channels (64) they lose above ~0.6 (0.45 before the per-call overhead
+# cuts of 2026-11-22; the layer table of that day: kernel 1.15-1.28x at 0.5, 0.84-1.02x at 0.75), with 128+
+# above ~0.8.
 # Every sparse call also packs the weights (~0.6 ns per weight, while a MAC costs ~1/80 ns per row),
 # so with R output pixels the crossover falls by about 0.6e-9 * 80e9 / R = 48 / R.
 _CPU_CROSSOVER_KXK = 0.9
-_CPU_CROSSOVER_1X1 = {"narrow": 0.45, "wide": 0.8}  # C_in/groups < 128, >= 128
+_CPU_CROSSOVER_1X1 = {"narrow": 0.6, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
 # CUDA: a conservative PLACEHOLDER, not measured yet (no GPU was available when the CUDA kernel was
 # written). The CUDA C++ kernel is a SIMT implicit GEMM while cuDNN uses tensor cores, so it is unlikely
