@@ -341,3 +341,18 @@ def test_inactive_pixels_are_zero_whatever_the_gaps(pattern, layout):
         ref = (torch.nn.functional.conv2d(x, w, b, 1, 1) * m[:, None])
         torch.testing.assert_close(out, ref)
         assert torch.all(out.permute(0, 2, 3, 1)[~m] == 0)
+
+
+@pytest.mark.parametrize("co,groups", [(1, 1), (5, 1), (8, 1), (9, 1), (12, 2), (16, 2), (18, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_narrow_and_wide_register_blocks_agree_with_reference(co, groups, dtype):
+    # Groups with <= 8 output channels run the 8x8 register block, wider ones the 6x16 block; both must match
+    # the dense reference at the boundary (8 vs 9 per group), with padding taps and a partial last block.
+    torch.manual_seed(co * 10 + groups)
+    x = torch.randn(3, 4 * groups, 9, 7, dtype=dtype).to(memory_format=torch.channels_last)
+    w, b = torch.randn(co, 4, 3, 3, dtype=dtype), torch.randn(co, dtype=dtype)
+    m = torch.rand(3, 9, 7) < 0.6
+    out = masked_conv2d(x, w, b, m, 1, 1, groups=groups, backend="cpp")
+    ref = torch.nn.functional.conv2d(x, w, b, 1, 1, 1, groups) * m[:, None]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, ref, **tol)

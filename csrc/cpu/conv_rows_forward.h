@@ -36,29 +36,29 @@ inline PixelCoord coord(const ConvShape& s, int64_t p) {
   return {n, r / s.Wo, r % s.Wo};
 }
 
-// Packs the weights of every group into 16-column panels:
-//   packed[((g * panels + p) * K + k) * 16 + j] = weight[g*Cog + p*16 + j, c, kh, kw], k = (kh*KW + kw)*Cg + c.
-// A tensor, not a vector: the CPU allocator aligns to 64 bytes, so each 16-float panel row is one cache line
-// and B loads never split lines. Read straight from the [Co, Cg, KH, KW] weight (no permuted copy), one
+// Packs the weights of every group into nr-column panels (16, or 8 for the narrow block):
+//   packed[((g * panels + p) * K + k) * nr + j] = weight[g*Cog + p*nr + j, c, kh, kw], k = (kh*KW + kw)*Cg + c.
+// A tensor, not a vector: the CPU allocator aligns to 64 bytes, so a 16-float panel row is one cache line
+// (an 8-float row half of one) and B loads never split lines. Read straight from the [Co, Cg, KH, KW] weight (no permuted copy), one
 // (panel, tap) slab per work item so both threads share the packing: it runs on every call.
 template <typename T>
-at::Tensor pack_weight_panels(const ConvShape& s, const at::Tensor& weight) {
+at::Tensor pack_weight_panels(const ConvShape& s, const at::Tensor& weight, int64_t nr = kNR) {
   const at::Tensor w = weight.contiguous();
   const T* wp = w.data_ptr<T>();
-  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps();
-  at::Tensor packed = at::empty({s.G * panels * K * kNR}, weight.options());
+  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, nr), taps = s.taps();
+  at::Tensor packed = at::empty({s.G * panels * K * nr}, weight.options());
   T* pk = packed.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, 8192 / (s.Cg * kNR));
+  const int64_t grain = std::max<int64_t>(1, 8192 / (s.Cg * nr));
   at::parallel_for(0, s.G * panels * taps, grain, [&](int64_t b, int64_t e) {
     for (int64_t item = b; item < e; ++item) {
       const int64_t gp = item / taps, t = item % taps, g = gp / panels, p = gp % panels;
-      const int64_t nvalid = std::min(kNR, s.Cog - p * kNR);
-      T* dst = pk + (gp * K + t * s.Cg) * kNR;
-      const T* src = wp + (g * s.Cog + p * kNR) * s.Cg * taps + t;  // filter j, channel c: src[(j*Cg + c)*taps]
+      const int64_t nvalid = std::min(nr, s.Cog - p * nr);
+      T* dst = pk + (gp * K + t * s.Cg) * nr;
+      const T* src = wp + (g * s.Cog + p * nr) * s.Cg * taps + t;  // filter j, channel c: src[(j*Cg + c)*taps]
       for (int64_t c = 0; c < s.Cg; ++c) {
-        T* d = dst + c * kNR;
+        T* d = dst + c * nr;
         for (int64_t j = 0; j < nvalid; ++j) d[j] = src[(j * s.Cg + c) * taps];
-        for (int64_t j = nvalid; j < kNR; ++j) d[j] = T(0);
+        for (int64_t j = nvalid; j < nr; ++j) d[j] = T(0);
       }
     }
   });
@@ -141,16 +141,33 @@ inline std::pair<int64_t, int64_t> zero_slice(const ConvShape& s, int64_t b, int
 constexpr int64_t kBlocksPerMacro = 3;
 
 
-template <typename T>
-void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
+// The register block: 6 rows x 16 channels, or 8 x 8 when a group has at most 8 output channels.
+struct Block6x16 {
+  static constexpr int64_t MR = kMR, NR = kNR;
+  template <typename T>
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
+    conv_block_6x16<T>(ntaps, cg, rows, b, c, ldc, acc);
+  }
+};
+struct Block8x8 {
+  static constexpr int64_t MR = kMR8, NR = kNR8;
+  template <typename T>
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
+    conv_block_8x8<T>(ntaps, cg, rows, b, c, ldc, acc);
+  }
+};
+
+template <typename T, typename Blk>
+void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
                   const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
   const bool relu = act != 0;
-  const at::Tensor wpack_t = pack_weight_panels<T>(s, weight);
+  constexpr int64_t MR = Blk::MR, NR = Blk::NR;
+  const at::Tensor wpack_t = pack_weight_panels<T>(s, weight, NR);
   const T* wpack = wpack_t.data_ptr<T>();
-  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, kNR), taps = s.taps(), ldc = panels * kNR;
-  const int64_t macro_rows = kBlocksPerMacro * kMR, nmacro = ceil_div(M, macro_rows);
-  const int64_t per_macro = kBlocksPerMacro * taps * kMR;  // row pointers of one macro block: [block][tap][row]
+  const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, NR), taps = s.taps(), ldc = panels * NR;
+  const int64_t macro_rows = kBlocksPerMacro * MR, nmacro = ceil_div(M, macro_rows);
+  const int64_t per_macro = kBlocksPerMacro * taps * MR;  // row pointers of one macro block: [block][tap][row]
   // Per-tap displacement tables, so the hot loops do no division by runtime sizes.
   std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
   for (int64_t t = 0; t < taps; ++t) {
@@ -174,13 +191,13 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
       out_offs[r] = n * ov.sN + ho * ov.sH + wo * ov.sW;
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
       const T* base = x + n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
-      const T** o = ptr + (r / kMR) * taps * kMR + r % kMR;
+      const T** o = ptr + (r / MR) * taps * MR + r % MR;
       if (hi0 >= 0 && hi0 + span_h < s.H && wi0 >= 0 && wi0 + span_w < s.W) {  // interior: no tap in padding
-        for (int64_t t = 0; t < taps; ++t) o[t * kMR] = base + tap_off[t];
+        for (int64_t t = 0; t < taps; ++t) o[t * MR] = base + tap_off[t];
       } else {
         for (int64_t t = 0; t < taps; ++t) {
           const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
-          o[t * kMR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
+          o[t * MR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
         }
       }
     }
@@ -207,7 +224,7 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
       macro_ptrs(mb_begin, next.data(), next_out.data());
       for (int64_t mb = mb_begin; mb < mb_end; ++mb) {
         const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
-        const int64_t nblk = ceil_div(mt, kMR);
+        const int64_t nblk = ceil_div(mt, MR);
         cur.swap(next);
         out_offs.swap(next_out);
         // Scattered active rows defeat the hardware prefetcher: fetch the next macro block's input
@@ -219,23 +236,23 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
           const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
           for (int64_t r = 0; r < nt; ++r) {
             if (r > 0 && (!rows || rows[n0 + r] == rows[n0 + r - 1] + 1)) continue;
-            const T* const* o = next.data() + (r / kMR) * taps * kMR + r % kMR;
+            const T* const* o = next.data() + (r / MR) * taps * MR + r % MR;
             for (int64_t t = 0; t < taps; ++t)
-              if (o[t * kMR] != zp)
-                for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(o[t * kMR] + e, 0, 2);  // to L2, not L1
+              if (o[t * MR] != zp)
+                for (int64_t e = 0; e < s.C; e += line) __builtin_prefetch(o[t * MR] + e, 0, 2);  // to L2, not L1
           }
         }
         for (int64_t g = 0; g < s.G; ++g) {
           const T* const* ptrs = cur.data();
           if (s.G > 1) {  // shift to group g's channels (never the zero row)
-            for (int64_t q = 0; q < nblk * taps * kMR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
+            for (int64_t q = 0; q < nblk * taps * MR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
             ptrs = grouped.data();
           }
-          const T* wg = wpack + g * panels * K * kNR;
+          const T* wg = wpack + g * panels * K * NR;
           for (int64_t p = 0; p < panels; ++p)
             for (int64_t blk = 0; blk < nblk; ++blk)
-              conv_block_6x16<T>(taps, s.Cg, ptrs + blk * taps * kMR, wg + p * K * kNR,
-                                 ctile.data() + blk * kMR * ldc + p * kNR, ldc, /*accumulate=*/false);
+              Blk::template run<T>(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR,
+                                   ctile.data() + blk * MR * ldc + p * NR, ldc, /*accumulate=*/false);
           const T* bg = bias ? bias + g * s.Cog : nullptr;
           for (int64_t r = 0; r < mt; ++r) {
             if (zero_gaps && g == 0) {  // the gap before this row (and after the last one)
@@ -267,6 +284,16 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
       }
     }
   });
+}
+
+template <typename T>
+void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
+                  const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
+                  const bool* zero_mask) {
+  if (s.Cog <= kNR8)
+    forward_gemm_blocked<T, Block8x8>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
+  else
+    forward_gemm_blocked<T, Block6x16>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
 }
 
 // Depthwise-style groups (one input channel per group): a GEMM would be 1 column wide, so compute

@@ -41,6 +41,22 @@ void conv_block_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T
 }
 
 template <typename T>
+void conv_block_8x8_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc,
+                            bool accumulate) {
+  T acc[kMR8][kNR8] = {};
+  for (int64_t t = 0; t < ntaps; ++t)
+    for (int64_t k = 0; k < cg; ++k) {
+      const T* bk = b + (t * cg + k) * kNR8;
+      for (int64_t i = 0; i < kMR8; ++i) {
+        const T ai = rows[t * kMR8 + i][k];
+        for (int64_t j = 0; j < kNR8; ++j) acc[i][j] += ai * bk[j];
+      }
+    }
+  for (int64_t i = 0; i < kMR8; ++i)
+    for (int64_t j = 0; j < kNR8; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+template <typename T>
 void tile_generic(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, int64_t cs_a, const T* b,
                   int64_t panel_stride, T* c, int64_t ldc, bool accumulate) {
   for (int64_t p = 0; p < panels; ++p)
@@ -152,6 +168,36 @@ __attribute__((target("avx2,fma"))) void conv_block_avx2(int64_t ntaps, int64_t 
 #undef DYNCONV_STORE_ROW
 }
 
+// 8x8 float block: 8 accumulators + 1 B vector + broadcasts. Per k: 1 load of B, 8 broadcasts, 8 FMAs; 8
+// independent accumulators cover the FMA latency. In isolation at 6 output channels it delivers 1.4-1.6x the
+// useful MACs of the padded 6x16 block (one core of the 2-core AVX2 dev machine).
+__attribute__((target("avx2,fma"))) void conv_block_8x8_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                             const float* b, float* c, int64_t ldc, bool accumulate) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps(),
+         c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* const* r = rows + t * kMR8;
+    const float *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3], *a4 = r[4], *a5 = r[5], *a6 = r[6], *a7 = r[7];
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < cg; ++k, b += kNR8) {
+      const __m256 bk = _mm256_loadu_ps(b);
+      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), bk, c0);
+      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), bk, c1);
+      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), bk, c2);
+      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), bk, c3);
+      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), bk, c4);
+      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), bk, c5);
+      c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(a6 + k), bk, c6);
+      c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(a7 + k), bk, c7);
+    }
+  }
+#define DYNCONV_STORE_ROW8(i, v)                                                                 \
+  _mm256_storeu_ps(c + (i) * ldc, accumulate ? _mm256_add_ps(v, _mm256_loadu_ps(c + (i) * ldc)) : v);
+  DYNCONV_STORE_ROW8(0, c0) DYNCONV_STORE_ROW8(1, c1) DYNCONV_STORE_ROW8(2, c2) DYNCONV_STORE_ROW8(3, c3)
+  DYNCONV_STORE_ROW8(4, c4) DYNCONV_STORE_ROW8(5, c5) DYNCONV_STORE_ROW8(6, c6) DYNCONV_STORE_ROW8(7, c7)
+#undef DYNCONV_STORE_ROW8
+}
+
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -198,6 +244,24 @@ template <>
 void conv_block_6x16<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
                              int64_t ldc, bool accumulate) {
   conv_block_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_8x8<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
+                           int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx2_fma()) {
+    conv_block_8x8_avx2(ntaps, cg, rows, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  conv_block_8x8_generic<float>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_8x8<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
+                            int64_t ldc, bool accumulate) {
+  conv_block_8x8_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 }  // namespace dynconv::cpu

@@ -24,6 +24,14 @@ void tile_gemm(int64_t m, int64_t panels, int64_t kc, const T* a, int64_t rs_a, 
 template <typename T>
 void conv_block_6x16(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
 
+// Narrow variant for convolutions with at most 8 output channels per group (MSDNet's 6-channel growth layers):
+// 8 output rows x 8 output channels, B packed in 8-column panels (b[(t*cg + k)*8 + j]), rows[t*8 + i].
+// A 16-column block would leave 10 of 16 lanes idle at 6 channels; this one leaves 2 of 8.
+constexpr int64_t kMR8 = 8;
+constexpr int64_t kNR8 = 8;
+template <typename T>
+void conv_block_8x8(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+
 // True when the AVX2+FMA float kernel is used on this CPU.
 bool tile_gemm_uses_avx2();
 
