@@ -184,10 +184,21 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   // the microkernel takes them as they are.
   const auto macro_ptrs = [&](int64_t mb, const T** ptr, int64_t* out_offs) {
     const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0);
+    // (n, ho, wo) of the previous row: the next pixel of a run is one step along the image row, which saves the
+    // two 64-bit divisions per row (with few output channels they cost as much as the row's arithmetic).
+    int64_t prev = -2, n = 0, ho = 0, wo = 0;
     for (int64_t r = 0; r < macro_rows; ++r) {
       const int64_t i = r0 + std::min(r, mt - 1);
       const int64_t p = rows ? rows[i] : i;
-      const int64_t n = p / hw, rem = p - n * hw, ho = rem / s.Wo, wo = rem - ho * s.Wo;
+      if (p == prev + 1 && wo + 1 < s.Wo) {
+        ++wo;
+      } else if (p != prev) {
+        n = p / hw;
+        const int64_t rem = p - n * hw;
+        ho = rem / s.Wo;
+        wo = rem - ho * s.Wo;
+      }
+      prev = p;
       out_offs[r] = n * ov.sN + ho * ov.sH + wo * ov.sW;
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
       const T* base = x + n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
@@ -203,6 +214,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
     }
   };
   const int64_t line = 64 / sizeof(T);
+  const bool slice_out = ov.sC == 1 && ov.sW > s.Co;
   // A contiguous channels-last output is raster-ordered pixel after pixel: the inactive pixels between two
   // consecutive active rows are one memset, done as each row is written, so the zero stores overlap the
   // FMA-bound microkernel instead of taking a memory-bound pass of their own.
@@ -234,6 +246,12 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           // Only rows that start a run: in channels-last memory the next pixel's input follows the previous
           // one's, which the hardware prefetcher already streams.
           const int64_t n0 = (mb + 1) * macro_rows, nt = std::min(macro_rows, M - n0);
+          // Writing a few channels into a wide channels-last buffer (a concat slice) touches a fresh cache line
+          // per output pixel that no hardware prefetcher predicts: request them for writing ahead of the
+          // epilogue too.
+          if (slice_out)
+            for (int64_t r = 0; r < nt; ++r)
+              for (int64_t e = 0; e < s.Co; e += line) __builtin_prefetch(out + next_out[r] + e, 1, 2);
           for (int64_t r = 0; r < nt; ++r) {
             if (r > 0 && (!rows || rows[n0 + r] == rows[n0 + r - 1] + 1)) continue;
             const T* const* o = next.data() + (r / MR) * taps * MR + r % MR;
