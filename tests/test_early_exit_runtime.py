@@ -189,3 +189,48 @@ def test_real_networks_runtime_equals_simulation(factory):
     assert torch.equal(out.exits, exits) and torch.equal(out.predictions, preds)
     for i in range(12):
         torch.testing.assert_close(out.logits[i], logits[out.exits[i]][i], rtol=1e-9, atol=1e-9)
+
+
+def test_buffer_pool_reuses_only_free_buffers():
+    from dynconv_ext.models.early_exit import BufferPool
+    pool = BufferPool()
+    a = pool.empty((2, 3, 4, 4), torch.float32, "cpu")
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    b = pool.empty((2, 3, 4, 4), torch.float32, "cpu")
+    assert b.data_ptr() != a.data_ptr()  # `a` is still held: never handed out twice
+    ptr = a.data_ptr()
+    view = a[:, :2]
+    del a
+    c = pool.empty((2, 3, 4, 4), torch.float32, "cpu")
+    assert c.data_ptr() not in (ptr, b.data_ptr())  # a view of the first buffer still holds it
+    del view
+    d = pool.empty((2, 3, 4, 4), torch.float32, "cpu")
+    assert d.data_ptr() == ptr  # now free: reused
+    with torch.inference_mode():
+        e = pool.empty((2, 3, 4, 4), torch.float32, "cpu")
+    assert e.is_inference() and e.data_ptr() not in (ptr, b.data_ptr(), c.data_ptr())
+
+
+def test_buffer_pool_drops_free_buffers_over_its_limit():
+    from dynconv_ext.models.early_exit import BufferPool
+    pool = BufferPool(max_bytes=3 * 64 * 4)
+    held = pool.empty((1, 64, 1, 1), torch.float32, "cpu")
+    for n in range(2, 8):  # distinct shapes, each dropped right away
+        pool.empty((n, 64, 1, 1), torch.float32, "cpu")
+    assert pool.nbytes() <= 3 * 64 * 4 + 7 * 64 * 4  # at most the limit plus the newest buffer
+    assert any(t is held for ts in pool._buffers.values() for t in ts)  # a held buffer is never dropped
+
+
+def test_msdnet_pooled_buffers_do_not_leak_between_calls():
+    net = models.msdnet_cifar(num_classes=10, nBlocks=3).eval()
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref2 = [o.clone() for o in net(x2)]
+        net.release_buffers()
+        state = net.begin(x1)  # a caller holding a state keeps its buffers
+        out2 = net(x2)
+        for k in range(net.num_exits):
+            state, _ = net.step(state, k)
+    for a, b in zip(out2, ref2):
+        torch.testing.assert_close(a, b)
+    assert net.__dict__["_buffer_pool"].nbytes() > 0

@@ -15,6 +15,9 @@ simulated evaluation (all exits, thresholds replayed) and the runtime compute th
 :func:`dynconv_ext.ops.resize_into` into preallocated channels-last buffers (BN folded into the convs);
 ``fused=False`` (and training) runs the official structure with ``torch.cat``.
 """
+import collections
+import sys
+import threading
 from typing import Any, List, Sequence
 
 import torch
@@ -40,6 +43,62 @@ def index_state(state: Any, index: torch.Tensor) -> Any:
     return state
 
 
+def _free_at(ts: List[torch.Tensor], i: int) -> bool:
+    """True when nothing but the list ``ts`` holds tensor ``ts[i]``: no other Python reference to the tensor
+    (getrefcount sees the list's and its own argument's) and no other tensor on its storage (views; the
+    count includes the temporary storage wrapper)."""
+    return sys.getrefcount(ts[i]) == 2 and torch._C._storage_Use_Count(ts[i].untyped_storage()._cdata) == 2
+
+
+class BufferPool:
+    """Channels-last feature buffers reused across forwards of the fused path.
+
+    A batch-256 MSDNet needs ~100 MB of concat buffers per forward; fresh ones that large come from mmap and
+    are page-faulted in on every call (glibc hands them back to the OS on free). A buffer is handed out again
+    only when nothing else holds its storage (no tensor, no view: a caller keeping a state from ``begin``/``step``
+    keeps its buffers to itself), under a lock. Free buffers beyond ``max_bytes`` are dropped oldest first.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._buffers: "collections.OrderedDict[tuple, List[torch.Tensor]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        # inference-mode tensors cannot be written in place outside inference mode: separate pools
+        key = (tuple(shape), dtype, torch.device(device), torch.is_inference_mode_enabled())
+        with self._lock:
+            ts = self._buffers.get(key, [])
+            for i in range(len(ts)):
+                if _free_at(ts, i):
+                    self._buffers.move_to_end(key)
+                    return ts[i]
+            t = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+            self._buffers.setdefault(key, []).append(t)
+            self._buffers.move_to_end(key)
+            self._trim(keep=t)
+            return t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._buffers.values() for t in ts)
+
+    def _trim(self, keep: torch.Tensor) -> None:
+        total = self.nbytes()
+        for key in list(self._buffers):
+            if total <= self.max_bytes:
+                break
+            ts = self._buffers[key]
+            i = 0
+            while i < len(ts) and total > self.max_bytes:
+                if ts[i] is not keep and _free_at(ts, i):
+                    total -= ts[i].numel() * ts[i].element_size()
+                    del ts[i]
+                else:
+                    i += 1
+            if not ts:
+                del self._buffers[key]
+
+
 class EarlyExitNet(nn.Module):
     """Base of the early-exit networks. Subclasses set ``num_exits`` and ``input_size`` (C, H, W) and implement
     ``begin`` and ``step``; ``keep``, ``forward`` and ``exit_macs`` come from here."""
@@ -56,6 +115,18 @@ class EarlyExitNet(nn.Module):
 
     def keep(self, state: Any, index: torch.Tensor) -> Any:
         return index_state(state, index)
+
+    def _pooled_empty(self, like: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+        """An uninitialized channels-last [N, channels, h, w] buffer from this net's pool (N, dtype, device of
+        ``like``), for the fused path."""
+        pool = self.__dict__.get("_buffer_pool")
+        if pool is None:
+            pool = self.__dict__["_buffer_pool"] = BufferPool()
+        return pool.empty((like.shape[0], channels, h, w), like.dtype, like.device)
+
+    def release_buffers(self) -> None:
+        """Drop the fused path's pooled buffers (they are kept between forwards to avoid re-faulting them)."""
+        self.__dict__.pop("_buffer_pool", None)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         state = self.begin(x)

@@ -397,20 +397,20 @@ class MSDNet(EarlyExitNet):
             w, b = fw[first]
             c0 = first.out_channels
             if self.stem_pool is None:
-                buf = _alloc(x, self._capacity(0, 0), x.shape[2], x.shape[3])
+                buf = self._pooled_empty(x, self._capacity(0, 0), x.shape[2], x.shape[3])
                 _conv_into(x, w, b, buf, 0, 1, 1)
             else:
                 h, wd = _conv_out(x.shape[2], 7, 2, 3), _conv_out(x.shape[3], 7, 2, 3)
-                tmp = _alloc(x, c0, h, wd)
+                tmp = self._pooled_empty(x, c0, h, wd)
                 _conv_into(x, w, b, tmp, 0, 2, 3)
                 pooled = F.max_pool2d(tmp, 3, 2, 1)
-                buf = _alloc(x, self._capacity(0, 0), pooled.shape[2], pooled.shape[3])
+                buf = self._pooled_empty(x, self._capacity(0, 0), pooled.shape[2], pooled.shape[3])
                 buf[:, :c0].copy_(pooled)
             feats.append(buf)
             for s in range(1, S):
                 w, b = fw[self.stem[s]]
                 prev = feats[-1][:, :self._channels(0, s - 1)]
-                buf = _alloc(x, self._capacity(0, s), _conv_out(prev.shape[2], 3, 2, 1),
+                buf = self._pooled_empty(x, self._capacity(0, s), _conv_out(prev.shape[2], 3, 2, 1),
                              _conv_out(prev.shape[3], 3, 2, 1))
                 _conv_into(prev, w, b, buf, 0, 2, 1)
                 feats.append(buf)
@@ -468,7 +468,7 @@ class MSDNet(EarlyExitNet):
         if layer.transition:
             t = layer.transition[s - layer.offset]
             w, b = fw[t]
-            new = _alloc(buf, self._capacity(l, s), buf.shape[2], buf.shape[3])
+            new = self._pooled_empty(buf, self._capacity(l, s), buf.shape[2], buf.shape[3])
             _conv_into(buf[:, :off], w, b, new, 0, 1, 0)
             buf, off = new, t.out_channels
         feats[s], filled[s] = buf, off
@@ -480,18 +480,17 @@ class MSDNet(EarlyExitNet):
             w, b = fw[du.reduce]
             sc = scratch.get(at)
             if sc is None:
-                sc = scratch[at] = _alloc(x, self._scratch_width[at], x.shape[2], x.shape[3])
+                sc = scratch[at] = self._pooled_empty(x, self._scratch_width[at], x.shape[2], x.shape[3])
             _conv_into(x, w, b, sc, 0, 1, 0)
             x = sc[:, :w.shape[0]]
         w, b = fw[du.conv]
         _conv_into(x, w, b, out, off, du.stride, 1)
         return off + w.shape[0]
 
-    @staticmethod
-    def _classify_fused(cls: Classifier, x: torch.Tensor, fw) -> torch.Tensor:
+    def _classify_fused(self, cls: Classifier, x: torch.Tensor, fw) -> torch.Tensor:
         for m in (cls.conv1, cls.conv2):
             w, b = fw[m]
-            y = _alloc(x, w.shape[0], _conv_out(x.shape[2], 3, 2, 1), _conv_out(x.shape[3], 3, 2, 1))
+            y = self._pooled_empty(x, w.shape[0], _conv_out(x.shape[2], 3, 2, 1), _conv_out(x.shape[3], 3, 2, 1))
             _conv_into(x, w, b, y, 0, 2, 1)
             x = y
         x = F.avg_pool2d(x, 2)
@@ -500,11 +499,6 @@ class MSDNet(EarlyExitNet):
 
 def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
-
-
-def _alloc(like: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
-    return torch.empty((like.shape[0], c, h, w), dtype=like.dtype, device=like.device,
-                       memory_format=torch.channels_last)
 
 
 def _conv_into(x, w, b, out, off, stride, pad):
