@@ -26,20 +26,25 @@ from torch import nn
 from ..profile.macs import LayerMacs
 
 
-def index_state(state: Any, index: torch.Tensor) -> Any:
+def index_state(state: Any, index: torch.Tensor, empty=None) -> Any:
     """``state`` with every tensor restricted to the samples ``index`` (dim 0); lists, tuples and dicts are
-    walked; other values are kept. 4-D tensors keep their memory format (channels-last buffers stay so)."""
+    walked; other values are kept. 4-D tensors keep their memory format (channels-last buffers stay so).
+    ``empty(like, n)``, when given, supplies the uninitialized channels-last [n, C, H, W] tensor each
+    channels-last 4-D tensor is gathered into (a buffer pool)."""
     if isinstance(state, torch.Tensor):
         if state.dim() == 0:
             return state
+        cl = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not state.is_contiguous()
+        if cl and empty is not None:
+            return torch.index_select(state, 0, index, out=empty(state, index.numel()))
         picked = state[index]
-        if state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not state.is_contiguous():
+        if cl:
             picked = picked.contiguous(memory_format=torch.channels_last)
         return picked
     if isinstance(state, (list, tuple)):
-        return type(state)(index_state(s, index) for s in state)
+        return type(state)(index_state(s, index, empty) for s in state)
     if isinstance(state, dict):
-        return {k: index_state(v, index) for k, v in state.items()}
+        return {k: index_state(v, index, empty) for k, v in state.items()}
     return state
 
 
@@ -114,15 +119,17 @@ class EarlyExitNet(nn.Module):
         raise NotImplementedError
 
     def keep(self, state: Any, index: torch.Tensor) -> Any:
-        return index_state(state, index)
+        # channels-last buffers (the fused path's) are gathered into pooled ones: fresh large tensors would be
+        # page-faulted in on every compaction
+        return index_state(state, index, lambda t, n: self._pooled_empty(t, t.shape[1], t.shape[2], t.shape[3], n))
 
-    def _pooled_empty(self, like: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
-        """An uninitialized channels-last [N, channels, h, w] buffer from this net's pool (N, dtype, device of
-        ``like``), for the fused path."""
+    def _pooled_empty(self, like: torch.Tensor, channels: int, h: int, w: int, n: int = None) -> torch.Tensor:
+        """An uninitialized channels-last [n, channels, h, w] buffer from this net's pool (dtype and device of
+        ``like``, n defaults to its batch), for the fused path."""
         pool = self.__dict__.get("_buffer_pool")
         if pool is None:
             pool = self.__dict__["_buffer_pool"] = BufferPool()
-        return pool.empty((like.shape[0], channels, h, w), like.dtype, like.device)
+        return pool.empty((like.shape[0] if n is None else n, channels, h, w), like.dtype, like.device)
 
     def release_buffers(self) -> None:
         """Drop the fused path's pooled buffers (they are kept between forwards to avoid re-faulting them)."""
