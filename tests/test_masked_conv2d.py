@@ -194,7 +194,7 @@ def test_resolve_block_size():
 
 
 def test_large_channels_cover_multiple_k_panels():
-    # 300 channels: several weight panels, tap chunks of one tap, remainder columns.
+    # 300 channels: several weight panels, a long reduction (2700), remainder columns.
     x, w, b = torch.randn(1, 300, 6, 6), torch.randn(70, 300, 3, 3), torch.randn(70)
     m = torch.rand(1, 6, 6) < 0.6
     torch.testing.assert_close(masked_conv2d(x, w, b, m, 1, 1, backend="cpp"),

@@ -24,36 +24,21 @@ void micro_generic(int64_t kc, const T* a, int64_t rs_a, int64_t cs_a, const T* 
     for (int64_t j = 0; j < kNR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
-template <typename T>
+// Portable register block of MR rows x NR columns (6x16 or 8x8): for double and on non-AVX2 CPUs.
+template <typename T, int64_t MR, int64_t NR>
 void conv_block_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc,
                         bool accumulate) {
-  T acc[kMR][kNR] = {};
+  T acc[MR][NR] = {};
   for (int64_t t = 0; t < ntaps; ++t)
     for (int64_t k = 0; k < cg; ++k) {
-      const T* bk = b + (t * cg + k) * kNR;
-      for (int64_t i = 0; i < kMR; ++i) {
-        const T ai = rows[t * kMR + i][k];
-        for (int64_t j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
+      const T* bk = b + (t * cg + k) * NR;
+      for (int64_t i = 0; i < MR; ++i) {
+        const T ai = rows[t * MR + i][k];
+        for (int64_t j = 0; j < NR; ++j) acc[i][j] += ai * bk[j];
       }
     }
-  for (int64_t i = 0; i < kMR; ++i)
-    for (int64_t j = 0; j < kNR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
-}
-
-template <typename T>
-void conv_block_8x8_generic(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc,
-                            bool accumulate) {
-  T acc[kMR8][kNR8] = {};
-  for (int64_t t = 0; t < ntaps; ++t)
-    for (int64_t k = 0; k < cg; ++k) {
-      const T* bk = b + (t * cg + k) * kNR8;
-      for (int64_t i = 0; i < kMR8; ++i) {
-        const T ai = rows[t * kMR8 + i][k];
-        for (int64_t j = 0; j < kNR8; ++j) acc[i][j] += ai * bk[j];
-      }
-    }
-  for (int64_t i = 0; i < kMR8; ++i)
-    for (int64_t j = 0; j < kNR8; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
 template <typename T>
@@ -237,13 +222,13 @@ void conv_block_6x16<float>(int64_t ntaps, int64_t cg, const float* const* rows,
     return;
   }
 #endif
-  conv_block_generic<float>(ntaps, cg, rows, b, c, ldc, accumulate);
+  conv_block_generic<float, kMR, kNR>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 template <>
 void conv_block_6x16<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
                              int64_t ldc, bool accumulate) {
-  conv_block_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
+  conv_block_generic<double, kMR, kNR>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 template <>
@@ -255,13 +240,13 @@ void conv_block_8x8<float>(int64_t ntaps, int64_t cg, const float* const* rows, 
     return;
   }
 #endif
-  conv_block_8x8_generic<float>(ntaps, cg, rows, b, c, ldc, accumulate);
+  conv_block_generic<float, kMR8, kNR8>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 template <>
 void conv_block_8x8<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
                             int64_t ldc, bool accumulate) {
-  conv_block_8x8_generic<double>(ntaps, cg, rows, b, c, ldc, accumulate);
+  conv_block_generic<double, kMR8, kNR8>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 }  // namespace dynconv::cpu
