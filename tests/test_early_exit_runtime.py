@@ -234,3 +234,23 @@ def test_msdnet_pooled_buffers_do_not_leak_between_calls():
     for a, b in zip(out2, ref2):
         torch.testing.assert_close(a, b)
     assert net.__dict__["_buffer_pool"].nbytes() > 0
+
+
+def test_net_with_pooled_buffers_can_be_copied_and_saved():
+    import copy
+    import io
+    net = models.msdnet_cifar(num_classes=10, nBlocks=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        twin = copy.deepcopy(net)
+        assert twin.__dict__["_buffer_pool"].nbytes() == 0  # a copy starts with an empty pool
+        for a, b in zip(twin(x), ref):
+            torch.testing.assert_close(a, b)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), ref):
+            torch.testing.assert_close(a, b)

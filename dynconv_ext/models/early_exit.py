@@ -35,7 +35,7 @@ def index_state(state: Any, index: torch.Tensor, empty=None) -> Any:
         if state.dim() == 0:
             return state
         cl = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not state.is_contiguous()
-        if cl and empty is not None:
+        if cl and empty is not None and not (state.requires_grad and torch.is_grad_enabled()):  # out= has no grad
             return torch.index_select(state, 0, index, out=empty(state, index.numel()))
         picked = state[index]
         if cl:
@@ -83,6 +83,10 @@ class BufferPool:
             self._buffers.move_to_end(key)
             self._trim(keep=t)
             return t
+
+    def __reduce__(self):
+        # copies and pickles of a net start with an empty pool (buffers are scratch; a lock cannot be pickled)
+        return (BufferPool, (self.max_bytes,))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._buffers.values() for t in ts)
