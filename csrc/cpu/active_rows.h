@@ -89,11 +89,21 @@ inline ActiveRows build_active_rows(const ConvShape& s, const bool* mp, const st
 // zero the gaps between them, so a caller-supplied list is checked before use (one O(count) pass).
 inline bool rows_match_mask(const ConvShape& s, const bool* mp, const int64_t* rows, int64_t count) {
   const int64_t hw = s.Ho * s.Wo;
+  int64_t prev = -1, n = 0, ho = 0, wo = 0;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = rows[i];
-    if (p < 0 || p >= s.out_pixels() || (i > 0 && p <= rows[i - 1])) return false;
-    const int64_t n = p / hw, r = p - n * hw, ho = r / s.Wo, wo = r - ho * s.Wo;
-    if (!mp[(n * s.Hm + ho / s.block) * s.Wm + wo / s.block]) return false;
+    if (p <= prev || p >= s.out_pixels()) return false;  // strictly increasing from 0, in range
+    if (prev >= 0 && p - prev < s.Wo - wo) {  // same image row: no division (rows are mostly close together)
+      wo += p - prev;
+    } else {
+      n = p / hw;
+      const int64_t r = p - n * hw;
+      ho = r / s.Wo;
+      wo = r - ho * s.Wo;
+    }
+    prev = p;
+    const int64_t cell = (n * s.Hm + (s.block == 1 ? ho : ho / s.block)) * s.Wm + (s.block == 1 ? wo : wo / s.block);
+    if (!mp[cell]) return false;
   }
   return true;
 }
