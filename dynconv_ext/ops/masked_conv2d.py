@@ -241,7 +241,9 @@ def masked_conv2d(
             there is no residual: for intermediates that are only ever read where they were computed (the
             hidden tensors of a gated block). Saves a memory pass; never use it for a tensor users see.
         rows: the mask's index map from :func:`active_rows`, when several convs of a block share one mask
-            (built once, used by each). ``"cpp"``: a CPU tensor, checked against the mask's count;
+            (built once, used by each). ``"cpp"``: a CPU tensor, checked to be exactly the mask's index map
+            (strictly increasing, in range, active pixels; the check costs about what building it does, so on
+            CPU this buys no speed);
             ``"cuda"``: a CUDA int64 tensor on the input's device, *not* checked against the mask (that would
             need a host sync); when omitted the CUDA kernel compacts the mask on the device itself.
         inplace: with a residual, write the result into ``residual`` and return it: only active pixels are
