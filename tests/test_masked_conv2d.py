@@ -356,3 +356,36 @@ def test_narrow_and_wide_register_blocks_agree_with_reference(co, groups, dtype)
     ref = torch.nn.functional.conv2d(x, w, b, 1, 1, 1, groups) * m[:, None]
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
     torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_large_output_streaming_stores(activation, groups):
+    # Channels-last float outputs of >= 4 MiB are written with streaming stores (rows and zero gaps); smaller
+    # shapes in this file never reach that path. 1 x 64 x 128 x 128 float = 4 MiB exactly; a 1x1 kernel keeps
+    # the reference cheap. Memory is filled with garbage first so a missed gap shows.
+    torch.manual_seed(11 + groups)
+    x = torch.randn(1, 32, 128, 128).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 32 // groups, 1, 1), torch.randn(64) * 3
+    m = torch.rand(1, 128, 128) < 0.3
+    m[0, 0, :5] = False  # a leading gap
+    m[0, -1, -7:] = False  # a trailing gap
+    for zero in (True, False):
+        torch.empty(64 * 128 * 128).fill_(float("nan"))
+        out = masked_conv2d(x, w, b, m, groups=groups, activation=activation, backend="cpp", zero_inactive=zero)
+        ref = F.conv2d(x, w, b, groups=groups)
+        if activation == "relu":
+            ref = ref.relu()
+        elif activation == "relu6":
+            ref = ref.clamp(0, 6)
+        sel = m[:, None].expand_as(out)
+        torch.testing.assert_close(out[sel], ref[sel], rtol=1e-5, atol=1e-5)
+        if zero:
+            assert torch.all(out[~sel] == 0)
+    # A NaN input stays NaN through the fused activation, as in the scalar epilogue.
+    x_nan = x.clone()
+    x_nan[0, :, 5, 5] = float("nan")
+    m_nan = m.clone()
+    m_nan[0, 5, 5] = True
+    out = masked_conv2d(x_nan, w, b, m_nan, groups=groups, activation=activation, backend="cpp")
+    assert torch.isnan(out[0, :, 5, 5]).all()

@@ -191,7 +191,53 @@ bool cpu_has_avx2_fma() {
 bool cpu_has_avx2_fma() { return false; }
 #endif
 
+#ifdef DYNCONV_X86
+__attribute__((target("avx2"))) void store_row_stream_avx2(float* dst, const float* src, const float* bias, int64_t n,
+                                                           int act) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+  for (int64_t j = 0; j < n; j += 8) {
+    __m256 v = _mm256_loadu_ps(src + j);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    // maxps/minps return their second operand when either is NaN: v second keeps a NaN, as the scalar
+    // epilogue's std::max(v, 0) / std::min(v, 6) do.
+    if (act != 0) v = _mm256_max_ps(zero, v);
+    if (act == 2) v = _mm256_min_ps(six, v);
+    _mm256_stream_ps(dst + j, v);
+  }
+}
+__attribute__((target("avx2"))) void zero_stream_avx2(float* dst, int64_t n) {
+  const __m256 z = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) _mm256_stream_ps(dst + j, z);
+}
+#endif
+
 }  // namespace
+
+bool store_row_stream(float* dst, const float* src, const float* bias, int64_t n, int act) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx2_fma() && (reinterpret_cast<uintptr_t>(dst) & 31) == 0 && n % 8 == 0) {
+    store_row_stream_avx2(dst, src, bias, n, act);
+    return true;
+  }
+#endif
+  return false;
+}
+
+bool zero_stream(float* dst, int64_t n) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx2_fma() && (reinterpret_cast<uintptr_t>(dst) & 31) == 0 && n % 8 == 0) {
+    zero_stream_avx2(dst, n);
+    return true;
+  }
+#endif
+  return false;
+}
+
+void stream_fence() {
+#ifdef DYNCONV_X86
+  _mm_sfence();
+#endif
+}
 
 bool tile_gemm_uses_avx2() { return cpu_has_avx2_fma(); }
 

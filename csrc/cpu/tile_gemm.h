@@ -32,6 +32,14 @@ constexpr int64_t kNR8 = 8;
 template <typename T>
 void conv_block_8x8(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
 
+// Streaming (non-temporal) row stores: dst[j] = act(src[j] (+ bias[j])) for j < n (act: 0 none, 1 ReLU,
+// 2 ReLU6), and dst[0..n) = 0, written without reading the destination lines first. dst must be 32-byte
+// aligned and n a multiple of 8 (float); returns false (and writes nothing) where that does not hold or AVX2
+// is missing. Call stream_fence() before another thread reads what was written.
+bool store_row_stream(float* dst, const float* src, const float* bias, int64_t n, int act);
+bool zero_stream(float* dst, int64_t n);
+void stream_fence();
+
 // True when the AVX2+FMA float kernel is used on this CPU.
 bool tile_gemm_uses_avx2();
 
