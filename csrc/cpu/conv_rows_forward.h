@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -142,6 +143,12 @@ inline std::pair<int64_t, int64_t> zero_slice(const ConvShape& s, int64_t b, int
 constexpr int64_t kBlocksPerMacro = 3;
 // Outputs at least this large are written with streaming stores (see forward_gemm_blocked).
 constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
+// DYNCONV_EXT_STREAM_STORES=0 turns them off. Read on every call (a getenv is ~0.1 us), so one process can
+// time both ways interleaved (python/tools/stream_stores_ab.py).
+inline bool stream_stores_enabled() {
+  const char* v = std::getenv("DYNCONV_EXT_STREAM_STORES");
+  return !(v && v[0] == '0');
+}
 
 
 // The register block: 6 rows x 16 channels, or 8 x 8 when a group has at most 8 output channels.
@@ -234,7 +241,8 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   const bool stream = std::is_same_v<T, float> && tile_gemm_uses_avx2() && !add && ov.sC == 1 &&
                       ov.sW == s.Co && ov.sH == s.Wo * s.Co && ov.sN == s.Ho * s.Wo * s.Co &&
                       s.Cog * sizeof(T) % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
-                      s.out_pixels() * s.Co * static_cast<int64_t>(sizeof(T)) >= kStreamOutputBytes;
+                      s.out_pixels() * s.Co * static_cast<int64_t>(sizeof(T)) >= kStreamOutputBytes &&
+                      stream_stores_enabled();
   const auto zero_pixels = [&](T* p, int64_t n) {
     if constexpr (std::is_same_v<T, float>) {
       if (stream && zero_stream(p, n)) return;
