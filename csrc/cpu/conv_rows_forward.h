@@ -229,8 +229,8 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   // A contiguous channels-last output is raster-ordered pixel after pixel: the inactive pixels between two
   // consecutive active rows are one memset, done as each row is written, so the zero stores overlap the
   // FMA-bound microkernel instead of taking a memory-bound pass of their own.
-  const bool zero_gaps = zero_mask && rows && ov.sC == 1 && ov.sW == s.Co && ov.sH == s.Wo * s.Co &&
-                         ov.sN == s.Ho * s.Wo * s.Co;
+  const bool contiguous_cl = ov.sC == 1 && ov.sW == s.Co && ov.sH == s.Wo * s.Co && ov.sN == s.Ho * s.Wo * s.Co;
+  const bool zero_gaps = zero_mask && rows && contiguous_cl;
   // Streaming stores for outputs far larger than the caches: a row's result (and the zero gaps) is written
   // without first reading the destination lines (scattered rows are not prefetched, so each read-for-ownership
   // miss stalled the epilogue). Whole lines only: a contiguous channels-last output (not a concat slice, which
@@ -238,8 +238,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   // Measured on the 2-core AVX2 machine, 3x3 64ch 56x56 batch 8 (6.4 MB out): 6-10 % faster at densities
   // 0.25 and 0.5; a following conv reading the output was not slower in total (1x1 dense: +1 %, 3x3 masked:
   // -2 %); 3.2 MB and 1.6 MB outputs (128ch 28x28, 256ch 14x14) gained 0-3 %, hence the 4 MiB floor.
-  const bool stream = std::is_same_v<T, float> && tile_gemm_uses_avx2() && !add && ov.sC == 1 &&
-                      ov.sW == s.Co && ov.sH == s.Wo * s.Co && ov.sN == s.Ho * s.Wo * s.Co &&
+  const bool stream = std::is_same_v<T, float> && tile_gemm_uses_avx2() && !add && contiguous_cl &&
                       s.Cog * sizeof(T) % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
                       s.out_pixels() * s.Co * static_cast<int64_t>(sizeof(T)) >= kStreamOutputBytes &&
                       stream_stores_enabled();
