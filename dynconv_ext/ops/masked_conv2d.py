@@ -284,9 +284,7 @@ def masked_conv2d(
         return out
     if mask.dim() == 4:
         mask = mask[:, 0]
-    _, hm, wm = mask.shape
-    block = 1 if (hm, wm) == (ho, wo) and block_size in (None, 1) else resolve_block_size((hm, wm), (ho, wo),
-                                                                                           block_size)
+    block = resolve_block_size(tuple(mask.shape[-2:]), (ho, wo), block_size)
     device_type = input.device.type
     on_cpu = device_type == "cpu"
     if backend in ("cuda", "triton") and on_cpu and not (backend == "triton" and _triton_interpreter()):
