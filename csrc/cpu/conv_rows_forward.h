@@ -235,9 +235,11 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   // without first reading the destination lines (scattered rows are not prefetched, so each read-for-ownership
   // miss stalled the epilogue). Whole lines only: a contiguous channels-last output (not a concat slice, which
   // later layers read back soon) whose groups cover whole 64-byte lines.
-  // Measured on the 2-core AVX2 machine, 3x3 64ch 56x56 batch 8 (6.4 MB out): 6-10 % faster at densities
-  // 0.25 and 0.5; a following conv reading the output was not slower in total (1x1 dense: +1 %, 3x3 masked:
-  // -2 %); 3.2 MB and 1.6 MB outputs (128ch 28x28, 256ch 14x14) gained 0-3 %, hence the 4 MiB floor.
+  // Measured on the 2-core AVX2 machine, 3x3 64ch 56x56 batch 8 (6.4 MB out): 6-16 % faster at densities
+  // 0.1-0.5, a gated ResNet-50 reading these outputs unchanged within noise (python/tools/stream_stores_ab.py,
+  // benchmarks/results/stream_stores_ab_cpu.md); in one-off runs a following conv was not slower in total
+  // (1x1 dense: +1 %, 3x3 masked: -2 %) and 3.2 MB / 1.6 MB outputs (128ch 28x28, 256ch 14x14) gained 0-3 %,
+  // hence the 4 MiB floor.
   const bool stream = std::is_same_v<T, float> && tile_gemm_uses_avx2() && !add && contiguous_cl &&
                       s.Cog * sizeof(T) % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
                       s.out_pixels() * s.Co * static_cast<int64_t>(sizeof(T)) >= kStreamOutputBytes &&
