@@ -98,6 +98,52 @@ def test_conv2d_into_matches_reference(cfg, dtype, device):
     _check_conv2d_into(cfg, dtype, device, 1e-4 if dtype == torch.float32 else 1e-10)
 
 
+def _small_cout_configs(n, seed=11):
+    """At most 8 output channels per group (the CPU kernel's fused small-channel path, float32 on AVX2): rows wide
+    enough for several 8-pixel segments and a tail, every stride / padding / dilation mix that leaves border
+    pixels on either side, groups, and a concat slice with neighbours on both sides."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k, d = rng.choice([(1, 1), (3, 1), (3, 2), (5, 1), (2, 1)])  # (kernel, dilation)
+        groups = rng.choice([1, 1, 2, 3])
+        out.append(dict(n=rng.randint(1, 2), cg=rng.choice([1, 3, 6, 22]), cog=rng.choice([1, 3, 5, 6, 7, 8]),
+                        groups=groups, k=k, dilation=d, stride=rng.choice([1, 1, 2, 3]), padding=rng.choice([0, 1, 2]),
+                        h=rng.randint(5, 12), w=rng.randint(5, 41), bias=rng.random() < 0.8,
+                        act=rng.choice([None, "relu", "relu6"]), lo=rng.choice([0, 3]), hi=rng.choice([0, 5]),
+                        id=f"small{i}"))
+    return out
+
+
+@pytest.mark.parametrize("cfg", _small_cout_configs(24), ids=lambda c: c["id"])
+def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    n, cin, cout = cfg["n"], cfg["cg"] * cfg["groups"], cfg["cog"] * cfg["groups"]
+    src = torch.randn(n, cin + 4, cfg["h"], cfg["w"], generator=g).contiguous(memory_format=torch.channels_last)
+    x = src[:, :cin]  # read in place from a wider channels-last buffer, as MSDNet does
+    x[0, 0, 1, 2] = float("nan")  # must reach exactly the outputs that read it, through ReLU and ReLU6 too
+    w = torch.randn(cout, cfg["cg"], cfg["k"], cfg["k"], generator=g)
+    b = torch.randn(cout, generator=g) if cfg["bias"] else None
+    conv = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"])
+    if min(F.conv2d(x[:1, :, :, :], w, None, **conv).shape[-2:]) < 1:
+        pytest.skip("empty output")
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), **conv)
+    ref = {None: ref, "relu": ref.relu(), "relu6": ref.clamp(0, 6)}[cfg["act"]]
+    lo, hi = cfg["lo"], cfg["hi"]
+    results = {}
+    for fused in ("1", "0"):  # the fused path and the general implicit GEMM must agree
+        monkeypatch.setenv("DYNCONV_EXT_FUSED8", fused)
+        out = torch.randn(n, lo + cout + hi, *ref.shape[-2:], generator=torch.Generator().manual_seed(1))
+        out = out.contiguous(memory_format=torch.channels_last)
+        before = out.clone()
+        conv2d_into(x, w, b, out, lo, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
+                    activation=cfg["act"])
+        torch.testing.assert_close(out[:, lo:lo + cout].double(), ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+        assert torch.equal(out[:, :lo], before[:, :lo]) and torch.equal(out[:, lo + cout:], before[:, lo + cout:])
+        results[fused] = out
+    torch.testing.assert_close(results["1"], results["0"], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[c["id"] for c in CONV_CONFIGS])

@@ -338,10 +338,129 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   });
 }
 
+// DYNCONV_EXT_FUSED8=0 turns the fused small-channel path below off (read per call, like the streaming switch,
+// so python/tools/fused8_ab.py can time both in one process).
+inline bool fused8_enabled() {
+  const char* v = std::getenv("DYNCONV_EXT_FUSED8");
+  return !(v && v[0] == '0');
+}
+
+// A dense convolution (every output pixel; conv2d_into) with at most 8 output channels per group, float, AVX2,
+// channels contiguous in the output. MSDNet's fine-scale layers (1x1 bottlenecks and 3x3 convs to 6 channels at
+// 32x32) were bound by instructions outside the arithmetic in forward_gemm_blocked: per-row tap pointer tables
+// (~58 instructions a pixel) and the C-tile epilogue (~100) against ~115 in the microkernel. Here the work is
+// image rows: the pixels whose taps all fall inside the input are 8-pixel segments of the row, read by the
+// strided block (row i of tap t at taps[t] + i * step: 9 pointers per 8 pixels instead of 72); the border
+// pixels are gathered 8 at a time into a pointer table. Both blocks store their result straight from the
+// registers with bias, activation and a lane mask (no C tile, no epilogue pass).
+inline void forward_dense_fused8(const ConvShape& s, const float* x, const InView& iv, const at::Tensor& weight,
+                                 const float* bias, float* out, const OutView& ov, bool add, int act) {
+  constexpr int64_t B = kMR8;
+  const at::Tensor wpack_t = pack_weight_panels<float>(s, weight, kNR8);  // one 8-column panel per group
+  const float* wpack = wpack_t.data_ptr<float>();
+  const int64_t K = s.k_per_group(), taps = s.taps();
+  std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
+  for (int64_t t = 0; t < taps; ++t) {
+    tap_dh[t] = (t / s.KW) * s.DH;
+    tap_dw[t] = (t % s.KW) * s.DW;
+    tap_off[t] = tap_dh[t] * iv.sH + tap_dw[t] * iv.sW;
+  }
+  const int64_t span_h = (s.KH - 1) * s.DH, span_w = (s.KW - 1) * s.DW;
+  // Output columns whose taps all lie inside the input: wo in [wlo, whi).
+  const int64_t wlo = std::min(s.Wo, ceil_div(s.PW, s.SW));
+  const int64_t whi = std::max(wlo, std::min(s.Wo, s.W - span_w + s.PW > 0 ? ceil_div(s.W - span_w + s.PW, s.SW) : 0));
+  const std::vector<float> zeros(static_cast<size_t>(s.Cg), 0.0f);
+  const float* zp = zeros.data();
+  const int64_t step = s.SW * iv.sW;
+  const int64_t rows_total = s.N * s.Ho;
+  std::atomic<int64_t> next_row{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(rows_total, 2));
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+    std::vector<const float*> strided(static_cast<size_t>(taps)), table(static_cast<size_t>(taps * B)),
+        shifted(static_cast<size_t>(taps * B));
+    float* seg_dst[B];    // a strided segment's output pixels
+    float* table_dst[B];  // the gathered border pixels' (kept across segments until 8 are pending)
+    float* gdst[B];
+    int64_t pending = 0;  // border pixels gathered into `table` / `table_dst`
+    // Runs the block of every group: inputs shifted by g*Cg (never the zero row), outputs by g*Cog.
+    const auto run = [&](bool is_strided, int64_t nvalid) {
+      for (int64_t g = 0; g < s.G; ++g) {
+        float* const* dst = is_strided ? seg_dst : table_dst;
+        for (int64_t i = 0; i < nvalid; ++i) gdst[i] = dst[i] + g * s.Cog;
+        const RowStore st{gdst, nvalid, s.Cog, bias ? bias + g * s.Cog : nullptr, act, add};
+        const float* wg = wpack + g * K * kNR8;
+        if (is_strided) {
+          for (int64_t t = 0; t < taps; ++t) shifted[t] = strided[t] + g * s.Cg;
+          conv_block_8x8_store_strided(taps, s.Cg, shifted.data(), step, wg, st);
+        } else {
+          const float* const* ptrs = table.data();
+          if (s.G > 1) {
+            for (int64_t q = 0; q < taps * B; ++q) shifted[q] = table[q] == zp ? zp : table[q] + g * s.Cg;
+            ptrs = shifted.data();
+          }
+          conv_block_8x8_store_table(taps, s.Cg, ptrs, wg, st);
+        }
+      }
+    };
+    const auto flush = [&]() {
+      if (pending == 0) return;
+      for (int64_t i = pending; i < B; ++i)  // pad rows repeat the last pixel (computed, not stored)
+        for (int64_t t = 0; t < taps; ++t) table[t * B + i] = table[t * B + pending - 1];
+      run(false, pending);
+      pending = 0;
+    };
+    const auto gather = [&](int64_t n, int64_t ho, int64_t wo) {
+      const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
+      const float* base = x + n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
+        table[t * B + pending] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
+      }
+      table_dst[pending] = out + n * ov.sN + ho * ov.sH + wo * ov.sW;
+      if (++pending == B) flush();
+    };
+    int64_t b0, b1;
+    while (claim_chunk(next_row, rows_total, workers, b0, b1)) {
+      for (int64_t nh = b0; nh < b1; ++nh) {
+        const int64_t n = nh / s.Ho, ho = nh % s.Ho, hi0 = ho * s.SH - s.PH;
+        const bool rows_inside = hi0 >= 0 && hi0 + span_h < s.H;
+        const int64_t lo = rows_inside ? wlo : s.Wo, hi = rows_inside ? whi : s.Wo;
+        for (int64_t wo = 0; wo < std::min(lo, s.Wo); ++wo) gather(n, ho, wo);
+        float* orow = out + n * ov.sN + ho * ov.sH;
+        const float* irow = x + n * iv.sN + hi0 * iv.sH;
+        for (int64_t wo = lo; wo < hi; wo += B) {
+          int64_t w0 = wo, nvalid = std::min(B, hi - wo);
+          if (nvalid < B) {
+            if (!add && hi - lo >= B) {  // overlap the previous segment: recomputing a pixel rewrites its value
+              w0 = hi - B;
+              nvalid = B;
+            } else {
+              for (int64_t w = wo; w < hi; ++w) gather(n, ho, w);
+              break;
+            }
+          }
+          const float* base = irow + (w0 * s.SW - s.PW) * iv.sW;
+          for (int64_t t = 0; t < taps; ++t) strided[t] = base + tap_off[t];
+          for (int64_t i = 0; i < B; ++i) seg_dst[i] = orow + (w0 + i) * ov.sW;
+          run(true, nvalid);
+        }
+        for (int64_t wo = std::max(hi, lo); wo < s.Wo; ++wo) gather(n, ho, wo);
+      }
+    }
+    flush();
+  });
+}
+
 template <typename T>
 void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
                   const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!rows && !zero_mask && s.Cog <= kNR8 && ov.sC == 1 && tile_gemm_uses_avx2() && fused8_enabled()) {
+      forward_dense_fused8(s, x, iv, weight, bias, out, ov, add, act);
+      return;
+    }
+  }
   if (s.Cog <= kNR8)
     forward_gemm_blocked<T, Block8x8>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
   else

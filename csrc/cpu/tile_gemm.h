@@ -32,6 +32,24 @@ constexpr int64_t kNR8 = 8;
 template <typename T>
 void conv_block_8x8(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
 
+// Fused-store variant of the 8x8 block (float, AVX2+FMA only): the result leaves the registers straight into the
+// output pixels instead of going through a C tile and a separate epilogue pass. With a few output channels the
+// epilogue and the per-row pointer tables cost more instructions than the arithmetic (MSDNet's 6-channel
+// layers), so both go: row i of tap t reads taps[t] + i * step (8 pixels along one image row, every tap inside
+// the input), or rows[t*8 + i] for any other block, as conv_block_8x8.
+struct RowStore {
+  float* const* dst;   // dst[i]: row i's output pixel (n channels, contiguous); rows >= nvalid are not stored
+  int64_t nvalid;      // 1..8
+  int64_t n;           // channels per row, 1..8
+  const float* bias;   // n values or nullptr
+  int act;             // 0 none, 1 ReLU, 2 ReLU6 (after the bias and the residual)
+  bool add;            // add the destination's current values (a residual) first
+};
+void conv_block_8x8_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step, const float* b,
+                                  const RowStore& st);
+void conv_block_8x8_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                const RowStore& st);
+
 // Streaming (non-temporal) row stores: dst[j] = act(src[j] (+ bias[j])) for j < n (act: 0 none, 1 ReLU,
 // 2 ReLU6), and dst[0..n) = 0, written without reading the destination lines first. dst must be 32-byte
 // aligned and n a multiple of 8 (float); returns false (and writes nothing) where that does not hold or AVX2

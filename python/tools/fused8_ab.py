@@ -1,0 +1,92 @@
+"""The fused small-channel conv path of the CPU kernel on vs off, timed interleaved in one process.
+
+    python python/tools/fused8_ab.py [--reps 9] [--model-reps 5] [--no-model]
+
+Dense convolutions with at most 8 output channels per group (conv2d_into: MSDNet's and RANet's fine-scale
+growth layers) take forward_dense_fused8 unless DYNCONV_EXT_FUSED8=0; the variable is read on every call, so
+each candidate sets it before it runs and both settings share one process and one machine state. Prints the
+MSDNet CIFAR layer shapes that dominate its fine scale (batch 256, written into a channel slice of a wider
+channels-last buffer, ReLU), then the whole network and its budgeted-batch runner.
+"""
+import argparse
+import os
+
+import torch
+
+from dynconv_ext.inference import EarlyExitRunner
+from dynconv_ext.inference.calibration import confidences, exit_prior, thresholds_from_confidences
+from dynconv_ext.ops.conv2d_into import conv2d_into
+from dynconv_ext.profile import early_exit_table as eet
+from dynconv_ext.profile.timing import interleaved_medians, machine_description
+
+VAR = "DYNCONV_EXT_FUSED8"
+
+# (C_in, C_out, kernel, stride, H, buffer channels): MSDNet CIFAR's 6-channel units at 32x32 and 16x16.
+LAYERS = [(58, 6, 1, 1, 32, 64), (22, 6, 1, 1, 32, 64), (6, 6, 3, 1, 32, 64), (6, 6, 3, 2, 32, 64),
+          (12, 6, 3, 1, 16, 48)]
+
+
+def with_setting(fn, on: bool):
+    def run():
+        os.environ[VAR] = "1" if on else "0"
+        return fn()
+    return run
+
+
+def layer_table(reps: int, batch: int):
+    g = torch.Generator().manual_seed(0)
+    print(f"\nconv2d_into, batch {batch}, into a channel slice of a channels-last buffer, ReLU")
+    print("| C_in | C_out | k | stride | H | fused: ms | GMAC/s | not fused: ms | GMAC/s | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cin, cout, k, s, h, cap in LAYERS:
+        ho = (h + 2 * (k // 2) - k) // s + 1
+        x = torch.randn(batch, cin, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+        out = torch.zeros(batch, cap, ho, ho).contiguous(memory_format=torch.channels_last)
+        off = cap - cout
+        call = (lambda x=x, w=w, b=b, out=out, off=off, s=s, k=k:
+                conv2d_into(x, w, b, out, off, s, k // 2, activation="relu"))
+        t = interleaved_medians({"on": with_setting(call, True), "off": with_setting(call, False)}, reps=reps)
+        macs = batch * ho * ho * cout * cin * k * k / 1e9
+        print(f"| {cin} | {cout} | {k} | {s} | {h} | {t['on']:.2f} | {macs / t['on'] * 1e3:.1f} | {t['off']:.2f} | "
+              f"{macs / t['off'] * 1e3:.1f} | {t['off'] / t['on']:.2f}x |")
+
+
+def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
+    net = eet.build("msdnet_cifar")
+    calib, x = eet._cifar_input(batch, seed=1), eet._cifar_input(batch, seed=2)
+    with torch.inference_mode():
+        conf = confidences(net(calib))
+    fns = {"full_on": with_setting(lambda: net(x), True), "full_off": with_setting(lambda: net(x), False)}
+    for p in priors:
+        runner = EarlyExitRunner(net, thresholds_from_confidences(conf, exit_prior(p, net.num_exits)))
+        fns[f"p{p}_on"] = with_setting(lambda r=runner: r(x), True)
+        fns[f"p{p}_off"] = with_setting(lambda r=runner: r(x), False)
+    t = interleaved_medians(fns, reps=reps, warmup=1)
+    print(f"\nmsdnet_cifar, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
+    print("| run | fused: ms | not fused: ms | speedup |\n|---|---|---|---|")
+    print(f"| all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |")
+    for p in priors:
+        on, off = t[f"p{p}_on"], t[f"p{p}_off"]
+        print(f"| budgeted p={p} | {on:.1f} (gain {t['full_on'] / on:.2f}x) | {off:.1f} (gain {t['full_off'] / off:.2f}x) "
+              f"| {off / on:.2f}x |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--model-reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"fused small-channel path on vs off (interleaved, one process); {machine_description()}")
+    layer_table(args.reps, args.batch)
+    if not args.no_model:
+        model_table(args.model_reps, args.batch)
+    os.environ.pop(VAR, None)
+
+
+if __name__ == "__main__":
+    main()
