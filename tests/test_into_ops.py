@@ -107,7 +107,7 @@ def _small_cout_configs(n, seed=11):
     for i in range(n):
         k, d = rng.choice([(1, 1), (3, 1), (3, 2), (5, 1), (2, 1)])  # (kernel, dilation)
         groups = rng.choice([1, 1, 2, 3])
-        out.append(dict(n=rng.randint(1, 2), cg=rng.choice([1, 3, 6, 22]), cog=rng.choice([1, 3, 5, 6, 7, 8]),
+        out.append(dict(n=rng.randint(1, 2), cg=rng.choice([1, 3, 6, 22]), cog=rng.choice([1, 3, 5, 6, 7, 8, 9, 12, 16, 24, 31]),
                         groups=groups, k=k, dilation=d, stride=rng.choice([1, 1, 2, 3]), padding=rng.choice([0, 1, 2]),
                         h=rng.randint(5, 12), w=rng.randint(5, 41), bias=rng.random() < 0.8,
                         act=rng.choice([None, "relu", "relu6"]), lo=rng.choice([0, 3]), hi=rng.choice([0, 5]),

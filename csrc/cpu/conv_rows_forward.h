@@ -338,27 +338,54 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   });
 }
 
-// DYNCONV_EXT_FUSED8=0 turns the fused small-channel path below off (read per call, like the streaming switch,
+// DYNCONV_EXT_FUSED8=0 turns the fused narrow-output path below off (read per call, like the streaming switch,
 // so python/tools/fused8_ab.py can time both in one process).
 inline bool fused8_enabled() {
   const char* v = std::getenv("DYNCONV_EXT_FUSED8");
   return !(v && v[0] == '0');
 }
 
-// A dense convolution (every output pixel; conv2d_into) with at most 8 output channels per group, float, AVX2,
-// channels contiguous in the output. MSDNet's fine-scale layers (1x1 bottlenecks and 3x3 convs to 6 channels at
-// 32x32) were bound by instructions outside the arithmetic in forward_gemm_blocked: per-row tap pointer tables
-// (~58 instructions a pixel) and the C-tile epilogue (~100) against ~115 in the microkernel. Here the work is
-// image rows: the pixels whose taps all fall inside the input are 8-pixel segments of the row, read by the
-// strided block (row i of tap t at taps[t] + i * step: 9 pointers per 8 pixels instead of 72); the border
-// pixels are gathered 8 at a time into a pointer table. Both blocks store their result straight from the
-// registers with bias, activation and a lane mask (no C tile, no epilogue pass).
-inline void forward_dense_fused8(const ConvShape& s, const float* x, const InView& iv, const at::Tensor& weight,
-                                 const float* bias, float* out, const OutView& ov, bool add, int act) {
-  constexpr int64_t B = kMR8;
-  const at::Tensor wpack_t = pack_weight_panels<float>(s, weight, kNR8);  // one 8-column panel per group
+// A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
+// float, AVX2, channels contiguous in the output; the 8x8 block up to 8 channels, the 6x16 one above.
+// MSDNet's fine-scale layers (1x1 bottlenecks and 3x3 convs to 6 channels at 32x32) were bound by instructions
+// outside the arithmetic in forward_gemm_blocked: per-row tap pointer tables (~58 instructions a pixel) and the
+// C-tile epilogue (~100) against ~115 in the microkernel. Here the work is image rows: whole B-pixel segments of
+// the pixels whose taps all fall inside the input are read by the strided block (row i of tap t at
+// taps[t] + i * step: one pointer per tap instead of B), the other pixels (borders, a row's last < B interior
+// ones) are gathered B at a time into a pointer table. Both blocks store their result straight from the
+// registers with bias, activation and a lane mask (no C tile, no epilogue pass). Wide outputs stay on
+// forward_gemm_blocked, whose macro blocks reuse each weight panel for 18 rows instead of 6.
+// Measured (python/tools/fused8_ab.py, batch 256, 2-core AVX2 machine): 1.04-1.7x on MSDNet CIFAR's narrow
+// layers, its whole network 1.09x, its budgeted-batch run at p=0.5 1.27x.
+constexpr int64_t kFusedMaxCog = 32;
+struct Fused8x8 {
+  static constexpr int64_t MR = kMR8, NR = kNR8;
+  static void strided(int64_t nt, int64_t cg, const float* const* taps, int64_t step, const float* b,
+                      const RowStore& st) {
+    conv_block_8x8_store_strided(nt, cg, taps, step, b, st);
+  }
+  static void table(int64_t nt, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
+    conv_block_8x8_store_table(nt, cg, rows, b, st);
+  }
+};
+struct Fused6x16 {
+  static constexpr int64_t MR = kMR, NR = kNR;
+  static void strided(int64_t nt, int64_t cg, const float* const* taps, int64_t step, const float* b,
+                      const RowStore& st) {
+    conv_block_6x16_store_strided(nt, cg, taps, step, b, st);
+  }
+  static void table(int64_t nt, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
+    conv_block_6x16_store_table(nt, cg, rows, b, st);
+  }
+};
+
+template <typename Blk>
+void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, const at::Tensor& weight,
+                         const float* bias, float* out, const OutView& ov, bool add, int act) {
+  constexpr int64_t B = Blk::MR, NR = Blk::NR;
+  const at::Tensor wpack_t = pack_weight_panels<float>(s, weight, NR);
   const float* wpack = wpack_t.data_ptr<float>();
-  const int64_t K = s.k_per_group(), taps = s.taps();
+  const int64_t K = s.k_per_group(), taps = s.taps(), panels = ceil_div(s.Cog, NR);
   std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
   for (int64_t t = 0; t < taps; ++t) {
     tap_dh[t] = (t / s.KW) * s.DH;
@@ -379,26 +406,30 @@ inline void forward_dense_fused8(const ConvShape& s, const float* x, const InVie
     std::vector<const float*> strided(static_cast<size_t>(taps)), table(static_cast<size_t>(taps * B)),
         shifted(static_cast<size_t>(taps * B));
     float* seg_dst[B];    // a strided segment's output pixels
-    float* table_dst[B];  // the gathered border pixels' (kept across segments until 8 are pending)
+    float* table_dst[B];  // the gathered border pixels' (kept across segments until B are pending)
     float* gdst[B];
     int64_t pending = 0;  // border pixels gathered into `table` / `table_dst`
-    // Runs the block of every group: inputs shifted by g*Cg (never the zero row), outputs by g*Cog.
+    // Runs the block for every group and weight panel: inputs shifted by g*Cg (never the zero row), outputs by
+    // g*Cog + p*NR.
     const auto run = [&](bool is_strided, int64_t nvalid) {
       for (int64_t g = 0; g < s.G; ++g) {
         float* const* dst = is_strided ? seg_dst : table_dst;
-        for (int64_t i = 0; i < nvalid; ++i) gdst[i] = dst[i] + g * s.Cog;
-        const RowStore st{gdst, nvalid, s.Cog, bias ? bias + g * s.Cog : nullptr, act, add};
-        const float* wg = wpack + g * K * kNR8;
+        const float* const* ptrs = table.data();
         if (is_strided) {
           for (int64_t t = 0; t < taps; ++t) shifted[t] = strided[t] + g * s.Cg;
-          conv_block_8x8_store_strided(taps, s.Cg, shifted.data(), step, wg, st);
-        } else {
-          const float* const* ptrs = table.data();
-          if (s.G > 1) {
-            for (int64_t q = 0; q < taps * B; ++q) shifted[q] = table[q] == zp ? zp : table[q] + g * s.Cg;
-            ptrs = shifted.data();
-          }
-          conv_block_8x8_store_table(taps, s.Cg, ptrs, wg, st);
+        } else if (s.G > 1) {
+          for (int64_t q = 0; q < taps * B; ++q) shifted[q] = table[q] == zp ? zp : table[q] + g * s.Cg;
+          ptrs = shifted.data();
+        }
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t c0 = g * s.Cog + p * NR;
+          for (int64_t i = 0; i < nvalid; ++i) gdst[i] = dst[i] + c0;
+          const RowStore st{gdst, nvalid, std::min(NR, s.Cog - p * NR), bias ? bias + c0 : nullptr, act, add};
+          const float* wp = wpack + (g * panels + p) * K * NR;
+          if (is_strided)
+            Blk::strided(taps, s.Cg, shifted.data(), step, wp, st);
+          else
+            Blk::table(taps, s.Cg, ptrs, wp, st);
         }
       }
     };
@@ -428,23 +459,16 @@ inline void forward_dense_fused8(const ConvShape& s, const float* x, const InVie
         for (int64_t wo = 0; wo < std::min(lo, s.Wo); ++wo) gather(n, ho, wo);
         float* orow = out + n * ov.sN + ho * ov.sH;
         const float* irow = x + n * iv.sN + hi0 * iv.sH;
-        for (int64_t wo = lo; wo < hi; wo += B) {
-          int64_t w0 = wo, nvalid = std::min(B, hi - wo);
-          if (nvalid < B) {
-            if (!add && hi - lo >= B) {  // overlap the previous segment: recomputing a pixel rewrites its value
-              w0 = hi - B;
-              nvalid = B;
-            } else {
-              for (int64_t w = wo; w < hi; ++w) gather(n, ho, w);
-              break;
-            }
-          }
+        // Whole segments only; the rest of the interior joins the border pixels in the table (overlapping the
+        // last segment with the previous one instead recomputed up to B-1 pixels: slower on 8- and 16-pixel rows).
+        const int64_t seg_end = lo + (hi - lo) / B * B;
+        for (int64_t w0 = lo; w0 < seg_end; w0 += B) {
           const float* base = irow + (w0 * s.SW - s.PW) * iv.sW;
           for (int64_t t = 0; t < taps; ++t) strided[t] = base + tap_off[t];
           for (int64_t i = 0; i < B; ++i) seg_dst[i] = orow + (w0 + i) * ov.sW;
-          run(true, nvalid);
+          run(true, B);
         }
-        for (int64_t wo = std::max(hi, lo); wo < s.Wo; ++wo) gather(n, ho, wo);
+        for (int64_t wo = std::max(seg_end, lo); wo < s.Wo; ++wo) gather(n, ho, wo);
       }
     }
     flush();
@@ -456,8 +480,11 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
                   const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!rows && !zero_mask && s.Cog <= kNR8 && ov.sC == 1 && tile_gemm_uses_avx2() && fused8_enabled()) {
-      forward_dense_fused8(s, x, iv, weight, bias, out, ov, add, act);
+    if (!rows && !zero_mask && s.Cog <= kFusedMaxCog && ov.sC == 1 && tile_gemm_uses_avx2() && fused8_enabled()) {
+      if (s.Cog <= kNR8)
+        forward_dense_fused<Fused8x8>(s, x, iv, weight, bias, out, ov, add, act);
+      else
+        forward_dense_fused<Fused6x16>(s, x, iv, weight, bias, out, ov, add, act);
       return;
     }
   }

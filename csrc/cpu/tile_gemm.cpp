@@ -255,6 +255,81 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block8_store_impl
 #undef DYNCONV_PUT
 }
 
+// The 6x16 block with its epilogue in registers (see block8_store_impl); a row's 16 lanes are two halves of 8.
+template <typename RowAt>
+__attribute__((target("avx2,fma"), always_inline)) inline void block16_store_impl(int64_t ntaps, int64_t cg,
+                                                                                  RowAt row, const float* b,
+                                                                                  const RowStore& st) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float *a0 = row(t, 0), *a1 = row(t, 1), *a2 = row(t, 2), *a3 = row(t, 3), *a4 = row(t, 4),
+                *a5 = row(t, 5);
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < cg; ++k, b += kNR) {
+      const __m256 b0 = _mm256_loadu_ps(b);
+      const __m256 b1 = _mm256_loadu_ps(b + 8);
+      __m256 x = _mm256_broadcast_ss(a0 + k);
+      c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a1 + k);
+      c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a2 + k);
+      c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a3 + k);
+      c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+      x = _mm256_broadcast_ss(a4 + k);
+      c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+      x = _mm256_broadcast_ss(a5 + k);
+      c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+  }
+  // half 0: lanes 0..min(n,8); half 1: lanes 8..n (none when n <= 8)
+  const int64_t n0 = st.n < 8 ? st.n : 8, n1 = st.n - n0;
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lanes0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n0)), idx);
+  const __m256i lanes1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n1)), idx);
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+  const __m256 bias0 = st.bias ? _mm256_maskload_ps(st.bias, lanes0) : zero;
+  const __m256 bias1 = st.bias && n1 > 0 ? _mm256_maskload_ps(st.bias + 8, lanes1) : zero;
+#define DYNCONV_HALF(d, acc, bias, nh, lanes)                                                    \
+  {                                                                                              \
+    __m256 v = _mm256_add_ps(acc, bias);                                                         \
+    if (st.add) v = _mm256_add_ps(v, nh == 8 ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, lanes)); \
+    if (st.act != 0) v = _mm256_max_ps(zero, v);                                                 \
+    if (st.act == 2) v = _mm256_min_ps(six, v);                                                  \
+    if (nh == 8)                                                                                 \
+      _mm256_storeu_ps(d, v);                                                                    \
+    else                                                                                         \
+      store_partial(d, v, nh, lanes);                                                            \
+  }
+#define DYNCONV_PUT16(i, lo, hi)                                    \
+  {                                                                 \
+    float* d = st.dst[i];                                           \
+    DYNCONV_HALF(d, lo, bias0, n0, lanes0)                          \
+    if (n1 > 0) DYNCONV_HALF(d + 8, hi, bias1, n1, lanes1)          \
+  }
+  DYNCONV_PUT16(0, c00, c01)
+  if (st.nvalid > 1) DYNCONV_PUT16(1, c10, c11)
+  if (st.nvalid > 2) DYNCONV_PUT16(2, c20, c21)
+  if (st.nvalid > 3) DYNCONV_PUT16(3, c30, c31)
+  if (st.nvalid > 4) DYNCONV_PUT16(4, c40, c41)
+  if (st.nvalid > 5) DYNCONV_PUT16(5, c50, c51)
+#undef DYNCONV_PUT16
+#undef DYNCONV_HALF
+}
+
+__attribute__((target("avx2,fma"))) void block16_store_strided_avx2(int64_t ntaps, int64_t cg,
+                                                                    const float* const* taps, int64_t step,
+                                                                    const float* b, const RowStore& st) {
+  block16_store_impl(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
+}
+__attribute__((target("avx2,fma"))) void block16_store_table_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                                  const float* b, const RowStore& st) {
+  block16_store_impl(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR + i]; }, b, st);
+}
+
 __attribute__((target("avx2,fma"))) void block8_store_strided_avx2(int64_t ntaps, int64_t cg,
                                                                    const float* const* taps, int64_t step,
                                                                    const float* b, const RowStore& st) {
@@ -334,6 +409,20 @@ void conv_block_8x8_store_table(int64_t ntaps, int64_t cg, const float* const* r
                                 const RowStore& st) {
 #ifdef DYNCONV_X86
   block8_store_table_avx2(ntaps, cg, rows, b, st);
+#endif
+}
+
+void conv_block_6x16_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
+                                   const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  block16_store_strided_avx2(ntaps, cg, taps, step, b, st);
+#endif
+}
+
+void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                 const RowStore& st) {
+#ifdef DYNCONV_X86
+  block16_store_table_avx2(ntaps, cg, rows, b, st);
 #endif
 }
 

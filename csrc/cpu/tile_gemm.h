@@ -40,7 +40,7 @@ void conv_block_8x8(int64_t ntaps, int64_t cg, const T* const* rows, const T* b,
 struct RowStore {
   float* const* dst;   // dst[i]: row i's output pixel (n channels, contiguous); rows >= nvalid are not stored
   int64_t nvalid;      // 1..8
-  int64_t n;           // channels per row, 1..8
+  int64_t n;           // channels per row, 1..8 (1..16 for the 6x16 block)
   const float* bias;   // n values or nullptr
   int act;             // 0 none, 1 ReLU, 2 ReLU6 (after the bias and the residual)
   bool add;            // add the destination's current values (a residual) first
@@ -49,6 +49,11 @@ void conv_block_8x8_store_strided(int64_t ntaps, int64_t cg, const float* const*
                                   const RowStore& st);
 void conv_block_8x8_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
                                 const RowStore& st);
+// The same for the 6x16 block (6 pixels x up to 16 channels of one 16-column panel; st.n <= 16, st.dst[0..6)).
+void conv_block_6x16_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
+                                   const float* b, const RowStore& st);
+void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                 const RowStore& st);
 
 // Streaming (non-temporal) row stores: dst[j] = act(src[j] (+ bias[j])) for j < n (act: 0 none, 1 ReLU,
 // 2 ReLU6), and dst[0..n) = 0, written without reading the destination lines first. dst must be 32-byte

@@ -21,9 +21,9 @@ from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 VAR = "DYNCONV_EXT_FUSED8"
 
-# (C_in, C_out, kernel, stride, H, buffer channels): MSDNet CIFAR's 6-channel units at 32x32 and 16x16.
+# (C_in, C_out, kernel, stride, H, buffer channels): MSDNet CIFAR's narrow units at its three scales.
 LAYERS = [(58, 6, 1, 1, 32, 64), (22, 6, 1, 1, 32, 64), (6, 6, 3, 1, 32, 64), (6, 6, 3, 2, 32, 64),
-          (12, 6, 3, 1, 16, 48)]
+          (12, 6, 3, 1, 16, 48), (100, 24, 1, 1, 16, 160), (24, 12, 3, 2, 16, 160), (48, 12, 3, 1, 8, 300)]
 
 
 def with_setting(fn, on: bool):
