@@ -143,12 +143,42 @@ inline std::pair<int64_t, int64_t> zero_slice(const ConvShape& s, int64_t b, int
 constexpr int64_t kBlocksPerMacro = 3;
 // Outputs at least this large are written with streaming stores (see forward_gemm_blocked).
 constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
-// DYNCONV_EXT_STREAM_STORES=0 turns them off. Read on every call (a getenv is ~0.1 us), so one process can
-// time both ways interleaved (python/tools/stream_stores_ab.py).
-inline bool stream_stores_enabled() {
-  const char* v = std::getenv("DYNCONV_EXT_STREAM_STORES");
+// A kernel switch that is on unless the environment variable `name` starts with '0'. Read on every call (a
+// getenv is ~0.1 us), so one process can time both settings interleaved (python/tools/*_ab.py).
+inline bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
   return !(v && v[0] == '0');
 }
+// DYNCONV_EXT_STREAM_STORES=0 turns them off (python/tools/stream_stores_ab.py).
+inline bool stream_stores_enabled() { return env_switch_on("DYNCONV_EXT_STREAM_STORES"); }
+
+// Per-tap displacements of the kernel window, so the hot loops do no division by runtime sizes, and the row a
+// padding tap reads.
+template <typename T>
+struct TapTable {
+  std::vector<int64_t> dh, dw, off;  // tap t: rows and columns from the window's corner; its input offset
+  std::vector<T> zeros;              // what a tap in the padding reads: Cg zeros, shared read-only by all threads
+  int64_t span_h, span_w;            // the window's extent minus one
+  TapTable(const ConvShape& s, const InView& iv)
+      : dh(s.taps()), dw(s.taps()), off(s.taps()), zeros(static_cast<size_t>(s.Cg), T(0)),
+        span_h((s.KH - 1) * s.DH), span_w((s.KW - 1) * s.DW) {
+    for (int64_t t = 0; t < s.taps(); ++t) {
+      dh[t] = (t / s.KW) * s.DH;
+      dw[t] = (t % s.KW) * s.DW;
+      off[t] = dh[t] * iv.sH + dw[t] * iv.sW;
+    }
+  }
+  const T* zero_row() const { return zeros.data(); }
+  // True when every tap of the window with corner (hi0, wi0) lies inside the input.
+  bool inside(const ConvShape& s, int64_t hi0, int64_t wi0) const {
+    return hi0 >= 0 && hi0 + span_h < s.H && wi0 >= 0 && wi0 + span_w < s.W;
+  }
+  // Where tap t of that window reads; `corner` is the (possibly out-of-range) address of input pixel (hi0, wi0).
+  const T* tap(const ConvShape& s, const T* corner, int64_t hi0, int64_t wi0, int64_t t) const {
+    const int64_t hi = hi0 + dh[t], wi = wi0 + dw[t];
+    return (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? corner + off[t] : zero_row();
+  }
+};
 
 
 // The register block: 6 rows x 16 channels, or 8 x 8 when a group has at most 8 output channels.
@@ -178,17 +208,10 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, NR), taps = s.taps(), ldc = panels * NR;
   const int64_t macro_rows = kBlocksPerMacro * MR, nmacro = ceil_div(M, macro_rows);
   const int64_t per_macro = kBlocksPerMacro * taps * MR;  // row pointers of one macro block: [block][tap][row]
-  // Per-tap displacement tables, so the hot loops do no division by runtime sizes.
-  std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
-  for (int64_t t = 0; t < taps; ++t) {
-    tap_dh[t] = (t / s.KW) * s.DH;
-    tap_dw[t] = (t % s.KW) * s.DW;
-    tap_off[t] = tap_dh[t] * iv.sH + tap_dw[t] * iv.sW;
-  }
-  const int64_t span_h = (s.KH - 1) * s.DH, span_w = (s.KW - 1) * s.DW, hw = s.Ho * s.Wo;
-  // What a padding tap reads: Cg zeros, shared read-only by all threads.
-  const std::vector<T> zeros(static_cast<size_t>(s.Cg), T(0));
-  const T* zp = zeros.data();
+  const TapTable<T> tt(s, iv);
+  const int64_t* tap_off = tt.off.data();
+  const int64_t hw = s.Ho * s.Wo;
+  const T* zp = tt.zero_row();
   // For macro block mb: the input row pointer of tap t of each row (group 0; `zp` for a padding tap; pad
   // rows repeat the last row) and each row's output pixel offset. Pointers, not offsets: with one group
   // the microkernel takes them as they are.
@@ -214,13 +237,10 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
       const T* base = x + n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
       const T** o = ptr + (r / MR) * taps * MR + r % MR;
-      if (hi0 >= 0 && hi0 + span_h < s.H && wi0 >= 0 && wi0 + span_w < s.W) {  // interior: no tap in padding
+      if (tt.inside(s, hi0, wi0)) {  // interior: no tap in padding
         for (int64_t t = 0; t < taps; ++t) o[t * MR] = base + tap_off[t];
       } else {
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
-          o[t * MR] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
-        }
+        for (int64_t t = 0; t < taps; ++t) o[t * MR] = tt.tap(s, base, hi0, wi0, t);
       }
     }
   };
@@ -340,10 +360,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
 
 // DYNCONV_EXT_FUSED8=0 turns the fused narrow-output path below off (read per call, like the streaming switch,
 // so python/tools/fused8_ab.py can time both in one process).
-inline bool fused8_enabled() {
-  const char* v = std::getenv("DYNCONV_EXT_FUSED8");
-  return !(v && v[0] == '0');
-}
+inline bool fused8_enabled() { return env_switch_on("DYNCONV_EXT_FUSED8"); }
 
 // A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
 // float, AVX2, channels contiguous in the output; the 8x8 block up to 8 channels, the 6x16 one above.
@@ -358,26 +375,16 @@ inline bool fused8_enabled() {
 // Measured (python/tools/fused8_ab.py, batch 256, 2-core AVX2 machine): 1.04-1.7x on MSDNet CIFAR's narrow
 // layers, its whole network 1.09x, its budgeted-batch run at p=0.5 1.27x.
 constexpr int64_t kFusedMaxCog = 32;
-struct Fused8x8 {
-  static constexpr int64_t MR = kMR8, NR = kNR8;
-  static void strided(int64_t nt, int64_t cg, const float* const* taps, int64_t step, const float* b,
-                      const RowStore& st) {
-    conv_block_8x8_store_strided(nt, cg, taps, step, b, st);
-  }
-  static void table(int64_t nt, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
-    conv_block_8x8_store_table(nt, cg, rows, b, st);
-  }
+// A fused-store register block: its shape and its strided / table kernels.
+template <int64_t MR_, int64_t NR_, decltype(&conv_block_8x8_store_strided) Strided,
+          decltype(&conv_block_8x8_store_table) Table>
+struct FusedBlock {
+  static constexpr int64_t MR = MR_, NR = NR_;
+  static constexpr auto strided = Strided;
+  static constexpr auto table = Table;
 };
-struct Fused6x16 {
-  static constexpr int64_t MR = kMR, NR = kNR;
-  static void strided(int64_t nt, int64_t cg, const float* const* taps, int64_t step, const float* b,
-                      const RowStore& st) {
-    conv_block_6x16_store_strided(nt, cg, taps, step, b, st);
-  }
-  static void table(int64_t nt, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
-    conv_block_6x16_store_table(nt, cg, rows, b, st);
-  }
-};
+using Fused8x8 = FusedBlock<kMR8, kNR8, conv_block_8x8_store_strided, conv_block_8x8_store_table>;
+using Fused6x16 = FusedBlock<kMR, kNR, conv_block_6x16_store_strided, conv_block_6x16_store_table>;
 
 template <typename Blk>
 void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, const at::Tensor& weight,
@@ -386,18 +393,13 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
   const at::Tensor wpack_t = pack_weight_panels<float>(s, weight, NR);
   const float* wpack = wpack_t.data_ptr<float>();
   const int64_t K = s.k_per_group(), taps = s.taps(), panels = ceil_div(s.Cog, NR);
-  std::vector<int64_t> tap_dh(taps), tap_dw(taps), tap_off(taps);
-  for (int64_t t = 0; t < taps; ++t) {
-    tap_dh[t] = (t / s.KW) * s.DH;
-    tap_dw[t] = (t % s.KW) * s.DW;
-    tap_off[t] = tap_dh[t] * iv.sH + tap_dw[t] * iv.sW;
-  }
-  const int64_t span_h = (s.KH - 1) * s.DH, span_w = (s.KW - 1) * s.DW;
+  const TapTable<float> tt(s, iv);
+  const int64_t* tap_off = tt.off.data();
   // Output columns whose taps all lie inside the input: wo in [wlo, whi).
+  const int64_t last = s.W - tt.span_w + s.PW;  // wo * SW < last
   const int64_t wlo = std::min(s.Wo, ceil_div(s.PW, s.SW));
-  const int64_t whi = std::max(wlo, std::min(s.Wo, s.W - span_w + s.PW > 0 ? ceil_div(s.W - span_w + s.PW, s.SW) : 0));
-  const std::vector<float> zeros(static_cast<size_t>(s.Cg), 0.0f);
-  const float* zp = zeros.data();
+  const int64_t whi = std::max(wlo, std::min(s.Wo, last > 0 ? ceil_div(last, s.SW) : 0));
+  const float* zp = tt.zero_row();
   const int64_t step = s.SW * iv.sW;
   const int64_t rows_total = s.N * s.Ho;
   std::atomic<int64_t> next_row{0};
@@ -443,10 +445,7 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
     const auto gather = [&](int64_t n, int64_t ho, int64_t wo) {
       const int64_t hi0 = ho * s.SH - s.PH, wi0 = wo * s.SW - s.PW;
       const float* base = x + n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t hi = hi0 + tap_dh[t], wi = wi0 + tap_dw[t];
-        table[t * B + pending] = (hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) ? base + tap_off[t] : zp;
-      }
+      for (int64_t t = 0; t < taps; ++t) table[t * B + pending] = tt.tap(s, base, hi0, wi0, t);
       table_dst[pending] = out + n * ov.sN + ho * ov.sH + wo * ov.sW;
       if (++pending == B) flush();
     };
@@ -454,9 +453,9 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
     while (claim_chunk(next_row, rows_total, workers, b0, b1)) {
       for (int64_t nh = b0; nh < b1; ++nh) {
         const int64_t n = nh / s.Ho, ho = nh % s.Ho, hi0 = ho * s.SH - s.PH;
-        const bool rows_inside = hi0 >= 0 && hi0 + span_h < s.H;
-        const int64_t lo = rows_inside ? wlo : s.Wo, hi = rows_inside ? whi : s.Wo;
-        for (int64_t wo = 0; wo < std::min(lo, s.Wo); ++wo) gather(n, ho, wo);
+        const bool rows_inside = hi0 >= 0 && hi0 + tt.span_h < s.H;
+        const int64_t lo = rows_inside ? wlo : s.Wo, hi = rows_inside ? whi : s.Wo;  // lo <= hi <= Wo
+        for (int64_t wo = 0; wo < lo; ++wo) gather(n, ho, wo);
         float* orow = out + n * ov.sN + ho * ov.sH;
         const float* irow = x + n * iv.sN + hi0 * iv.sH;
         // Whole segments only; the rest of the interior joins the border pixels in the table (overlapping the
@@ -468,7 +467,7 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
           for (int64_t i = 0; i < B; ++i) seg_dst[i] = orow + (w0 + i) * ov.sW;
           run(true, B);
         }
-        for (int64_t wo = std::max(seg_end, lo); wo < s.Wo; ++wo) gather(n, ho, wo);
+        for (int64_t wo = seg_end; wo < s.Wo; ++wo) gather(n, ho, wo);
       }
     }
     flush();

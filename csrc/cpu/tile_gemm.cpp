@@ -107,159 +107,17 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int64_t m, int64_t panels, in
       micro_avx2(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, c + i * ldc + p * kNR, ldc, accumulate);
 }
 
-__attribute__((target("avx2,fma"))) void conv_block_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
-                                                         const float* b, float* c, int64_t ldc, bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float* a0 = rows[t * kMR + 0];
-    const float* a1 = rows[t * kMR + 1];
-    const float* a2 = rows[t * kMR + 2];
-    const float* a3 = rows[t * kMR + 3];
-    const float* a4 = rows[t * kMR + 4];
-    const float* a5 = rows[t * kMR + 5];
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < cg; ++k, b += kNR) {
-      const __m256 b0 = _mm256_loadu_ps(b);
-      const __m256 b1 = _mm256_loadu_ps(b + 8);
-      __m256 x = _mm256_broadcast_ss(a0 + k);
-      c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
-      x = _mm256_broadcast_ss(a1 + k);
-      c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
-      x = _mm256_broadcast_ss(a2 + k);
-      c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
-      x = _mm256_broadcast_ss(a3 + k);
-      c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
-      x = _mm256_broadcast_ss(a4 + k);
-      c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
-      x = _mm256_broadcast_ss(a5 + k);
-      c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
-    }
-  }
-#define DYNCONV_STORE_ROW(i, lo, hi)                                                  \
-  {                                                                                   \
-    float* ci = c + (i) * ldc;                                                        \
-    if (accumulate) {                                                                 \
-      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                                    \
-      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                                \
-    }                                                                                 \
-    _mm256_storeu_ps(ci, lo);                                                         \
-    _mm256_storeu_ps(ci + 8, hi);                                                     \
-  }
-  DYNCONV_STORE_ROW(0, c00, c01) DYNCONV_STORE_ROW(1, c10, c11) DYNCONV_STORE_ROW(2, c20, c21)
-  DYNCONV_STORE_ROW(3, c30, c31) DYNCONV_STORE_ROW(4, c40, c41) DYNCONV_STORE_ROW(5, c50, c51)
-#undef DYNCONV_STORE_ROW
-}
-
-// 8x8 float block: 8 accumulators + 1 B vector + broadcasts. Per k: 1 load of B, 8 broadcasts, 8 FMAs; 8
-// independent accumulators cover the FMA latency. In isolation at 6 output channels it delivers 1.4-1.6x the
-// useful MACs of the padded 6x16 block (one core of the 2-core AVX2 dev machine).
-__attribute__((target("avx2,fma"))) void conv_block_8x8_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
-                                                             const float* b, float* c, int64_t ldc, bool accumulate) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps(),
-         c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float* const* r = rows + t * kMR8;
-    const float *a0 = r[0], *a1 = r[1], *a2 = r[2], *a3 = r[3], *a4 = r[4], *a5 = r[5], *a6 = r[6], *a7 = r[7];
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < cg; ++k, b += kNR8) {
-      const __m256 bk = _mm256_loadu_ps(b);
-      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), bk, c0);
-      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), bk, c1);
-      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), bk, c2);
-      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), bk, c3);
-      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), bk, c4);
-      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), bk, c5);
-      c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(a6 + k), bk, c6);
-      c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(a7 + k), bk, c7);
-    }
-  }
-#define DYNCONV_STORE_ROW8(i, v)                                                                 \
-  _mm256_storeu_ps(c + (i) * ldc, accumulate ? _mm256_add_ps(v, _mm256_loadu_ps(c + (i) * ldc)) : v);
-  DYNCONV_STORE_ROW8(0, c0) DYNCONV_STORE_ROW8(1, c1) DYNCONV_STORE_ROW8(2, c2) DYNCONV_STORE_ROW8(3, c3)
-  DYNCONV_STORE_ROW8(4, c4) DYNCONV_STORE_ROW8(5, c5) DYNCONV_STORE_ROW8(6, c6) DYNCONV_STORE_ROW8(7, c7)
-#undef DYNCONV_STORE_ROW8
-}
-
-// Stores the first n < 8 lanes of v. 4..7 lanes (MSDNet's 6 channels) as a 4-lane store plus 1-3 scalar
-// lanes: measured faster than one vmaskmovps on the Zen 3 dev machine.
-__attribute__((target("avx2"), always_inline)) inline void store_partial(float* d, __m256 v, int64_t n, __m256i lanes) {
-  if (n < 4) {
-    _mm256_maskstore_ps(d, lanes, v);
-    return;
-  }
-  _mm_storeu_ps(d, _mm256_castps256_ps128(v));
-  const __m128 hi = _mm256_extractf128_ps(v, 1);
-  if (n == 5) {
-    _mm_store_ss(d + 4, hi);
-  } else if (n >= 6) {
-    _mm_storel_pi(reinterpret_cast<__m64*>(d + 4), hi);
-    if (n == 7) _mm_store_ss(d + 6, _mm_movehl_ps(hi, hi));
-  }
-}
-
-// The 8x8 block with its epilogue in registers. `row(t, i)` is where row i of tap t starts; it is inlined, so the
-// strided variant keeps its pointers in registers and reads no table.
+// The register blocks' accumulation, shared by the C-tile kernels (conv_block_6x16 / conv_block_8x8) and the
+// fused-store ones (conv_block_*_store_*): acc += sum over taps t and channels k of row(t, i)[k] * b[(t*cg+k)*NR].
+// `row(t, i)` is where row i of tap t starts; inlined, so a strided row function keeps its pointers in registers.
+struct Acc6x16 {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+};
+// 12 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers. Per k: 2 loads of B, 6 broadcasts
+// of A, 12 FMAs, so the loop is bound by the two FMA pipes.
 template <typename RowAt>
-__attribute__((target("avx2,fma"), always_inline)) inline void block8_store_impl(int64_t ntaps, int64_t cg,
-                                                                                 RowAt row, const float* b,
-                                                                                 const RowStore& st) {
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps(),
-         c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float *a0 = row(t, 0), *a1 = row(t, 1), *a2 = row(t, 2), *a3 = row(t, 3), *a4 = row(t, 4),
-                *a5 = row(t, 5), *a6 = row(t, 6), *a7 = row(t, 7);
-#pragma GCC unroll 4
-    for (int64_t k = 0; k < cg; ++k, b += kNR8) {
-      const __m256 bk = _mm256_loadu_ps(b);
-      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), bk, c0);
-      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), bk, c1);
-      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), bk, c2);
-      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), bk, c3);
-      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), bk, c4);
-      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), bk, c5);
-      c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(a6 + k), bk, c6);
-      c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(a7 + k), bk, c7);
-    }
-  }
-  // Lanes >= n are never read (bias, residual) nor written: a concat slice's neighbours belong to other layers.
-  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(st.n)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const bool full = st.n == 8;
-  const __m256 bias = st.bias ? (full ? _mm256_loadu_ps(st.bias) : _mm256_maskload_ps(st.bias, lanes))
-                              : _mm256_setzero_ps();
-  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
-#define DYNCONV_PUT(i, acc)                                                                   \
-  {                                                                                           \
-    float* d = st.dst[i];                                                                     \
-    __m256 v = _mm256_add_ps(acc, bias);                                                      \
-    if (st.add) v = _mm256_add_ps(v, full ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, lanes)); \
-    if (st.act != 0) v = _mm256_max_ps(zero, v);                                              \
-    if (st.act == 2) v = _mm256_min_ps(six, v);                                               \
-    if (full)                                                                                 \
-      _mm256_storeu_ps(d, v);                                                                 \
-    else                                                                                      \
-      store_partial(d, v, st.n, lanes);                                                       \
-  }
-  // (max/min return their second operand when either is NaN: v second keeps a NaN, as std::max/min do.)
-  DYNCONV_PUT(0, c0)
-  if (st.nvalid > 1) DYNCONV_PUT(1, c1)
-  if (st.nvalid > 2) DYNCONV_PUT(2, c2)
-  if (st.nvalid > 3) DYNCONV_PUT(3, c3)
-  if (st.nvalid > 4) DYNCONV_PUT(4, c4)
-  if (st.nvalid > 5) DYNCONV_PUT(5, c5)
-  if (st.nvalid > 6) DYNCONV_PUT(6, c6)
-  if (st.nvalid > 7) DYNCONV_PUT(7, c7)
-#undef DYNCONV_PUT
-}
-
-// The 6x16 block with its epilogue in registers (see block8_store_impl); a row's 16 lanes are two halves of 8.
-template <typename RowAt>
-__attribute__((target("avx2,fma"), always_inline)) inline void block16_store_impl(int64_t ntaps, int64_t cg,
-                                                                                  RowAt row, const float* b,
-                                                                                  const RowStore& st) {
+__attribute__((target("avx2,fma"), always_inline)) inline Acc6x16 accumulate_6x16(int64_t ntaps, int64_t cg,
+                                                                                  RowAt row, const float* b) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -285,6 +143,128 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
       c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
     }
   }
+  return {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+}
+
+struct Acc8x8 {
+  __m256 c0, c1, c2, c3, c4, c5, c6, c7;
+};
+// 8 accumulators + 1 B vector + broadcasts. Per k: 1 load of B, 8 broadcasts, 8 FMAs; 8 independent
+// accumulators cover the FMA latency.
+template <typename RowAt>
+__attribute__((target("avx2,fma"), always_inline)) inline Acc8x8 accumulate_8x8(int64_t ntaps, int64_t cg, RowAt row,
+                                                                                const float* b) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps(),
+         c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps(), c6 = _mm256_setzero_ps(), c7 = _mm256_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float *a0 = row(t, 0), *a1 = row(t, 1), *a2 = row(t, 2), *a3 = row(t, 3), *a4 = row(t, 4),
+                *a5 = row(t, 5), *a6 = row(t, 6), *a7 = row(t, 7);
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < cg; ++k, b += kNR8) {
+      const __m256 bk = _mm256_loadu_ps(b);
+      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), bk, c0);
+      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), bk, c1);
+      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), bk, c2);
+      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), bk, c3);
+      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), bk, c4);
+      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), bk, c5);
+      c6 = _mm256_fmadd_ps(_mm256_broadcast_ss(a6 + k), bk, c6);
+      c7 = _mm256_fmadd_ps(_mm256_broadcast_ss(a7 + k), bk, c7);
+    }
+  }
+  return {c0, c1, c2, c3, c4, c5, c6, c7};
+}
+
+__attribute__((target("avx2,fma"))) void conv_block_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                         const float* b, float* c, int64_t ldc, bool accumulate) {
+  Acc6x16 a = accumulate_6x16(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR + i]; }, b);
+#define DYNCONV_STORE_ROW(i, lo, hi)                                                  \
+  {                                                                                   \
+    float* ci = c + (i) * ldc;                                                        \
+    if (accumulate) {                                                                 \
+      lo = _mm256_add_ps(lo, _mm256_loadu_ps(ci));                                    \
+      hi = _mm256_add_ps(hi, _mm256_loadu_ps(ci + 8));                                \
+    }                                                                                 \
+    _mm256_storeu_ps(ci, lo);                                                         \
+    _mm256_storeu_ps(ci + 8, hi);                                                     \
+  }
+  DYNCONV_STORE_ROW(0, a.c00, a.c01) DYNCONV_STORE_ROW(1, a.c10, a.c11) DYNCONV_STORE_ROW(2, a.c20, a.c21)
+  DYNCONV_STORE_ROW(3, a.c30, a.c31) DYNCONV_STORE_ROW(4, a.c40, a.c41) DYNCONV_STORE_ROW(5, a.c50, a.c51)
+#undef DYNCONV_STORE_ROW
+}
+
+// 8x8 float block. In isolation at 6 output channels it delivers 1.4-1.6x the useful MACs of the padded 6x16
+// block (one core of the 2-core AVX2 dev machine).
+__attribute__((target("avx2,fma"))) void conv_block_8x8_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                             const float* b, float* c, int64_t ldc, bool accumulate) {
+  const Acc8x8 a = accumulate_8x8(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR8 + i]; }, b);
+#define DYNCONV_STORE_ROW8(i, v)                                                                 \
+  _mm256_storeu_ps(c + (i) * ldc, accumulate ? _mm256_add_ps(v, _mm256_loadu_ps(c + (i) * ldc)) : v);
+  DYNCONV_STORE_ROW8(0, a.c0) DYNCONV_STORE_ROW8(1, a.c1) DYNCONV_STORE_ROW8(2, a.c2) DYNCONV_STORE_ROW8(3, a.c3)
+  DYNCONV_STORE_ROW8(4, a.c4) DYNCONV_STORE_ROW8(5, a.c5) DYNCONV_STORE_ROW8(6, a.c6) DYNCONV_STORE_ROW8(7, a.c7)
+#undef DYNCONV_STORE_ROW8
+}
+
+// Stores the first n < 8 lanes of v. 4..7 lanes (MSDNet's 6 channels) as a 4-lane store plus 1-3 scalar
+// lanes: measured faster than one vmaskmovps on the Zen 3 dev machine.
+__attribute__((target("avx2"), always_inline)) inline void store_partial(float* d, __m256 v, int64_t n, __m256i lanes) {
+  if (n < 4) {
+    _mm256_maskstore_ps(d, lanes, v);
+    return;
+  }
+  _mm_storeu_ps(d, _mm256_castps256_ps128(v));
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  if (n == 5) {
+    _mm_store_ss(d + 4, hi);
+  } else if (n >= 6) {
+    _mm_storel_pi(reinterpret_cast<__m64*>(d + 4), hi);
+    if (n == 7) _mm_store_ss(d + 6, _mm_movehl_ps(hi, hi));
+  }
+}
+
+// The 8x8 block with its epilogue in registers.
+template <typename RowAt>
+__attribute__((target("avx2,fma"), always_inline)) inline void block8_store_impl(int64_t ntaps, int64_t cg,
+                                                                                 RowAt row, const float* b,
+                                                                                 const RowStore& st) {
+  const Acc8x8 a = accumulate_8x8(ntaps, cg, row, b);
+  // Lanes >= n are never read (bias, residual) nor written: a concat slice's neighbours belong to other layers.
+  const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(st.n)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const bool full = st.n == 8;
+  const __m256 bias = st.bias ? (full ? _mm256_loadu_ps(st.bias) : _mm256_maskload_ps(st.bias, lanes))
+                              : _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+#define DYNCONV_PUT(i, acc)                                                                   \
+  {                                                                                           \
+    float* d = st.dst[i];                                                                     \
+    __m256 v = _mm256_add_ps(acc, bias);                                                      \
+    if (st.add) v = _mm256_add_ps(v, full ? _mm256_loadu_ps(d) : _mm256_maskload_ps(d, lanes)); \
+    if (st.act != 0) v = _mm256_max_ps(zero, v);                                              \
+    if (st.act == 2) v = _mm256_min_ps(six, v);                                               \
+    if (full)                                                                                 \
+      _mm256_storeu_ps(d, v);                                                                 \
+    else                                                                                      \
+      store_partial(d, v, st.n, lanes);                                                       \
+  }
+  // (max/min return their second operand when either is NaN: v second keeps a NaN, as std::max/min do.)
+  DYNCONV_PUT(0, a.c0)
+  if (st.nvalid > 1) DYNCONV_PUT(1, a.c1)
+  if (st.nvalid > 2) DYNCONV_PUT(2, a.c2)
+  if (st.nvalid > 3) DYNCONV_PUT(3, a.c3)
+  if (st.nvalid > 4) DYNCONV_PUT(4, a.c4)
+  if (st.nvalid > 5) DYNCONV_PUT(5, a.c5)
+  if (st.nvalid > 6) DYNCONV_PUT(6, a.c6)
+  if (st.nvalid > 7) DYNCONV_PUT(7, a.c7)
+#undef DYNCONV_PUT
+}
+
+// The 6x16 block with its epilogue in registers (see block8_store_impl); a row's 16 lanes are two halves of 8.
+template <typename RowAt>
+__attribute__((target("avx2,fma"), always_inline)) inline void block16_store_impl(int64_t ntaps, int64_t cg,
+                                                                                  RowAt row, const float* b,
+                                                                                  const RowStore& st) {
+  const Acc6x16 a = accumulate_6x16(ntaps, cg, row, b);
   // half 0: lanes 0..min(n,8); half 1: lanes 8..n (none when n <= 8)
   const int64_t n0 = st.n < 8 ? st.n : 8, n1 = st.n - n0;
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -310,12 +290,12 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
     DYNCONV_HALF(d, lo, bias0, n0, lanes0)                          \
     if (n1 > 0) DYNCONV_HALF(d + 8, hi, bias1, n1, lanes1)          \
   }
-  DYNCONV_PUT16(0, c00, c01)
-  if (st.nvalid > 1) DYNCONV_PUT16(1, c10, c11)
-  if (st.nvalid > 2) DYNCONV_PUT16(2, c20, c21)
-  if (st.nvalid > 3) DYNCONV_PUT16(3, c30, c31)
-  if (st.nvalid > 4) DYNCONV_PUT16(4, c40, c41)
-  if (st.nvalid > 5) DYNCONV_PUT16(5, c50, c51)
+  DYNCONV_PUT16(0, a.c00, a.c01)
+  if (st.nvalid > 1) DYNCONV_PUT16(1, a.c10, a.c11)
+  if (st.nvalid > 2) DYNCONV_PUT16(2, a.c20, a.c21)
+  if (st.nvalid > 3) DYNCONV_PUT16(3, a.c30, a.c31)
+  if (st.nvalid > 4) DYNCONV_PUT16(4, a.c40, a.c41)
+  if (st.nvalid > 5) DYNCONV_PUT16(5, a.c50, a.c51)
 #undef DYNCONV_PUT16
 #undef DYNCONV_HALF
 }

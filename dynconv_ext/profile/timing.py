@@ -11,6 +11,18 @@ from typing import Callable, Dict, Optional
 import torch
 
 
+def with_env_switch(fn: Callable[[], object], var: str, on: bool) -> Callable[[], object]:
+    """`fn` with the kernel switch `var` set to "1" or "0" before every call: the CPU kernel reads its switches
+    (DYNCONV_EXT_STREAM_STORES, DYNCONV_EXT_FUSED8) on each call, so both settings can be interleaved in one
+    process (python/tools/*_ab.py)."""
+    value = "1" if on else "0"
+
+    def run():
+        os.environ[var] = value
+        return fn()
+    return run
+
+
 def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
                         min_time_s: float = 0.0, grad: bool = False, burst: int = 1,
                         cold: Optional[Dict[str, float]] = None) -> Dict[str, float]:

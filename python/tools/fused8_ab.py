@@ -17,7 +17,7 @@ from dynconv_ext.inference import EarlyExitRunner
 from dynconv_ext.inference.calibration import confidences, exit_prior, thresholds_from_confidences
 from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.profile import early_exit_table as eet
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
 
 VAR = "DYNCONV_EXT_FUSED8"
 
@@ -27,10 +27,7 @@ LAYERS = [(58, 6, 1, 1, 32, 64), (22, 6, 1, 1, 32, 64), (6, 6, 3, 1, 32, 64), (6
 
 
 def with_setting(fn, on: bool):
-    def run():
-        os.environ[VAR] = "1" if on else "0"
-        return fn()
-    return run
+    return with_env_switch(fn, VAR, on)
 
 
 def layer_table(reps: int, batch: int):

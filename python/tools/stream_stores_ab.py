@@ -17,16 +17,13 @@ import torch.nn.functional as F
 from dynconv_ext import models
 from dynconv_ext.ops import masked_conv2d
 from dynconv_ext.profile.masked_conv_table import random_mask
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
 
 VAR = "DYNCONV_EXT_STREAM_STORES"
 
 
 def with_setting(fn, on: bool):
-    def run():
-        os.environ[VAR] = "1" if on else "0"
-        return fn()
-    return run
+    return with_env_switch(fn, VAR, on)
 
 
 def layer_table(reps: int):
