@@ -372,8 +372,8 @@ inline bool fused8_enabled() { return env_switch_on("DYNCONV_EXT_FUSED8"); }
 // ones) are gathered B at a time into a pointer table. Both blocks store their result straight from the
 // registers with bias, activation and a lane mask (no C tile, no epilogue pass). Wide outputs stay on
 // forward_gemm_blocked, whose macro blocks reuse each weight panel for 18 rows instead of 6.
-// Measured (python/tools/fused8_ab.py, batch 256, 2-core AVX2 machine): 1.04-1.7x on MSDNet CIFAR's narrow
-// layers, its whole network 1.09x, its budgeted-batch run at p=0.5 1.27x.
+// Measured (python/tools/fused8_ab.py, batch 256, 2-core AVX2 machine, benchmarks/results/fused_narrow_ab_cpu.md):
+// 1.05-2.19x on MSDNet CIFAR's narrow layers, its whole network 1.12x, its budgeted-batch run at p=0.5 1.21x.
 constexpr int64_t kFusedMaxCog = 32;
 // A fused-store register block: its shape and its strided / table kernels.
 template <int64_t MR_, int64_t NR_, decltype(&conv_block_8x8_store_strided) Strided,
