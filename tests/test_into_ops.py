@@ -132,7 +132,7 @@ def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
     lo, hi = cfg["lo"], cfg["hi"]
     results = {}
     for fused in ("1", "0"):  # the fused path and the general implicit GEMM must agree
-        monkeypatch.setenv("DYNCONV_EXT_FUSED8", fused)
+        monkeypatch.setenv("DYNCONV_EXT_FUSED_NARROW", fused)
         out = torch.randn(n, lo + cout + hi, *ref.shape[-2:], generator=torch.Generator().manual_seed(1))
         out = out.contiguous(memory_format=torch.channels_last)
         before = out.clone()

@@ -358,9 +358,12 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   });
 }
 
-// DYNCONV_EXT_FUSED8=0 turns the fused narrow-output path below off (read per call, like the streaming switch,
-// so python/tools/fused8_ab.py can time both in one process).
-inline bool fused8_enabled() { return env_switch_on("DYNCONV_EXT_FUSED8"); }
+// DYNCONV_EXT_FUSED_NARROW=0 turns the fused narrow-output path below off (read per call, like the streaming
+// switch, so python/tools/fused_narrow_ab.py can time both in one process). DYNCONV_EXT_FUSED8=0, the switch's
+// name when the path covered only <= 8 channels (the committed A/B was run with it), still does too.
+inline bool fused_narrow_enabled() {
+  return env_switch_on("DYNCONV_EXT_FUSED_NARROW") && env_switch_on("DYNCONV_EXT_FUSED8");
+}
 
 // A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
 // float, AVX2, channels contiguous in the output; the 8x8 block up to 8 channels, the 6x16 one above.
@@ -372,7 +375,7 @@ inline bool fused8_enabled() { return env_switch_on("DYNCONV_EXT_FUSED8"); }
 // ones) are gathered B at a time into a pointer table. Both blocks store their result straight from the
 // registers with bias, activation and a lane mask (no C tile, no epilogue pass). Wide outputs stay on
 // forward_gemm_blocked, whose macro blocks reuse each weight panel for 18 rows instead of 6.
-// Measured (python/tools/fused8_ab.py, batch 256, 2-core AVX2 machine, benchmarks/results/fused_narrow_ab_cpu.md):
+// Measured (python/tools/fused_narrow_ab.py, batch 256, 2-core AVX2 machine, benchmarks/results/fused_narrow_ab_cpu.md):
 // 1.05-2.19x on MSDNet CIFAR's narrow layers, its whole network 1.12x, its budgeted-batch run at p=0.5 1.21x.
 constexpr int64_t kFusedMaxCog = 32;
 // A fused-store register block: its shape and its strided / table kernels.
@@ -479,7 +482,7 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
                   const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
                   const bool* zero_mask) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!rows && !zero_mask && s.Cog <= kFusedMaxCog && ov.sC == 1 && tile_gemm_uses_avx2() && fused8_enabled()) {
+    if (!rows && !zero_mask && s.Cog <= kFusedMaxCog && ov.sC == 1 && tile_gemm_uses_avx2() && fused_narrow_enabled()) {
       if (s.Cog <= kNR8)
         forward_dense_fused<Fused8x8>(s, x, iv, weight, bias, out, ov, add, act);
       else

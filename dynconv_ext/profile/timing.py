@@ -13,7 +13,7 @@ import torch
 
 def with_env_switch(fn: Callable[[], object], var: str, on: bool) -> Callable[[], object]:
     """`fn` with the kernel switch `var` set to "1" or "0" before every call: the CPU kernel reads its switches
-    (DYNCONV_EXT_STREAM_STORES, DYNCONV_EXT_FUSED8) on each call, so both settings can be interleaved in one
+    (DYNCONV_EXT_STREAM_STORES, DYNCONV_EXT_FUSED_NARROW) on each call, so both settings can be interleaved in one
     process (python/tools/*_ab.py)."""
     value = "1" if on else "0"
 

@@ -1,9 +1,9 @@
-"""The fused small-channel conv path of the CPU kernel on vs off, timed interleaved in one process.
+"""The fused narrow-output conv path of the CPU kernel on vs off, timed interleaved in one process.
 
-    python python/tools/fused8_ab.py [--reps 9] [--model-reps 5] [--no-model]
+    python python/tools/fused_narrow_ab.py [--reps 9] [--model-reps 5] [--no-model]
 
-Dense convolutions with at most 8 output channels per group (conv2d_into: MSDNet's and RANet's fine-scale
-growth layers) take forward_dense_fused8 unless DYNCONV_EXT_FUSED8=0; the variable is read on every call, so
+Dense convolutions with at most 32 output channels per group (conv2d_into: MSDNet's and RANet's growth and
+bottleneck layers) take forward_dense_fused unless DYNCONV_EXT_FUSED_NARROW=0; the variable is read on every call, so
 each candidate sets it before it runs and both settings share one process and one machine state. Prints the
 MSDNet CIFAR layer shapes that dominate its fine scale (batch 256, written into a channel slice of a wider
 channels-last buffer, ReLU), then the whole network and its budgeted-batch runner.
@@ -19,7 +19,7 @@ from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.profile import early_exit_table as eet
 from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
 
-VAR = "DYNCONV_EXT_FUSED8"
+VAR = "DYNCONV_EXT_FUSED_NARROW"
 
 # (C_in, C_out, kernel, stride, H, buffer channels): MSDNet CIFAR's narrow units at its three scales.
 LAYERS = [(58, 6, 1, 1, 32, 64), (22, 6, 1, 1, 32, 64), (6, 6, 3, 1, 32, 64), (6, 6, 3, 2, 32, 64),
