@@ -1,4 +1,5 @@
-"""What reading a channel prefix of a wide concat buffer costs MSDNet's fine-scale 1x1 convolutions (CPU).
+"""What reading a channel prefix of a wide concat buffer (and writing a slice of one) costs MSDNet's fine-scale
+convolutions (CPU).
 
     python python/tools/concat_read_cost.py [--batch 256] [--reps 9]
 
@@ -11,6 +12,8 @@ conv2d_into call is timed, interleaved in one process, on
 and `batch 16 in cache` is `own` and `prefix` at batch 16 (a 4 MB buffer), scaled to the batch: the same access
 patterns with the data near the core.
 Each turn calls a candidate 3 times and times the last two.
+The second table is the write side: a 3x3 growth conv writing its 6 channels into a channel slice of the buffer
+(what the fused MSDNet does) or into a tensor of its own.
 """
 import argparse
 import os
@@ -22,6 +25,8 @@ from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 # (C_in, C_out, H, buffer channels): MSDNet CIFAR's 1x1 bottlenecks at the 32x32 scale, one at 16x16.
 LAYERS = [(16, 6, 32, 64), (22, 6, 32, 64), (28, 6, 32, 64), (58, 6, 32, 64), (44, 24, 16, 160)]
+# (C_in, C_out, H, buffer channels, channel offset): 3x3 growth convs writing into a scale's buffer.
+WRITES = [(6, 6, 32, 64, 16), (6, 6, 32, 64, 40), (12, 6, 16, 140, 100)]
 
 
 def main():
@@ -63,6 +68,20 @@ def main():
             print(f"| {cin} | {cout} | {h} | {cap} | {t['prefix']:.2f} | {macs / t['prefix'] * 1e3:.1f} | "
                   f"{t['own']:.2f} | {macs / t['own'] * 1e3:.1f} | {t['copy']:.2f} | {in_l3:.2f} | {in_l3_prefix:.2f} | "
                   f"{t['prefix'] / t['own']:.2f}x |")
+
+        print(f"\n3x3 conv2d_into (padding 1), ReLU, batch {args.batch}: output into a buffer slice or its own tensor")
+        print("| C_in | C_out | H | buffer ch | offset | into slice: ms | own tensor: ms | slice / own |")
+        print("|---|---|---|---|---|---|---|---|")
+        for cin, cout, h, cap, off in WRITES:
+            x = torch.randn(args.batch, cin, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(cout, cin, 3, 3, generator=g), torch.randn(cout, generator=g)
+            buf = torch.zeros(args.batch, cap, h, h).contiguous(memory_format=torch.channels_last)
+            own = torch.zeros(args.batch, cout, h, h).contiguous(memory_format=torch.channels_last)
+            fns = {"slice": lambda x=x, w=w, b=b, o=buf, off=off: conv2d_into(x, w, b, o, off, 1, 1, activation="relu"),
+                   "own": lambda x=x, w=w, b=b, o=own: conv2d_into(x, w, b, o, 0, 1, 1, activation="relu")}
+            t = interleaved_medians(fns, reps=args.reps, burst=3)
+            print(f"| {cin} | {cout} | {h} | {cap} | {off} | {t['slice']:.2f} | {t['own']:.2f} | "
+                  f"{t['slice'] / t['own']:.2f}x |")
 
 
 if __name__ == "__main__":
