@@ -300,26 +300,6 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 #undef DYNCONV_HALF
 }
 
-__attribute__((target("avx2,fma"))) void block16_store_strided_avx2(int64_t ntaps, int64_t cg,
-                                                                    const float* const* taps, int64_t step,
-                                                                    const float* b, const RowStore& st) {
-  block16_store_impl(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
-}
-__attribute__((target("avx2,fma"))) void block16_store_table_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
-                                                                  const float* b, const RowStore& st) {
-  block16_store_impl(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR + i]; }, b, st);
-}
-
-__attribute__((target("avx2,fma"))) void block8_store_strided_avx2(int64_t ntaps, int64_t cg,
-                                                                   const float* const* taps, int64_t step,
-                                                                   const float* b, const RowStore& st) {
-  block8_store_impl(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
-}
-__attribute__((target("avx2,fma"))) void block8_store_table_avx2(int64_t ntaps, int64_t cg, const float* const* rows,
-                                                                 const float* b, const RowStore& st) {
-  block8_store_impl(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR8 + i]; }, b, st);
-}
-
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -378,33 +358,41 @@ void stream_fence() {
 
 bool tile_gemm_uses_avx2() { return cpu_has_avx2_fma(); }
 
-void conv_block_8x8_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step, const float* b,
-                                  const RowStore& st) {
+// The fused-store blocks (float, AVX2 only: callers check tile_gemm_uses_avx2()): the strided form reads row i of
+// tap t at taps[t] + i * step, the table form at rows[t * MR + i].
 #ifdef DYNCONV_X86
-  block8_store_strided_avx2(ntaps, cg, taps, step, b, st);
+#define DYNCONV_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DYNCONV_TARGET_AVX2
+#endif
+DYNCONV_TARGET_AVX2 void conv_block_8x8_store_strided(int64_t ntaps, int64_t cg, const float* const* taps,
+                                                      int64_t step, const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  block8_store_impl(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
 #endif
 }
 
-void conv_block_8x8_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
-                                const RowStore& st) {
+DYNCONV_TARGET_AVX2 void conv_block_8x8_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                    const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  block8_store_table_avx2(ntaps, cg, rows, b, st);
+  block8_store_impl(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR8 + i]; }, b, st);
 #endif
 }
 
-void conv_block_6x16_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
-                                   const float* b, const RowStore& st) {
+DYNCONV_TARGET_AVX2 void conv_block_6x16_store_strided(int64_t ntaps, int64_t cg, const float* const* taps,
+                                                       int64_t step, const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  block16_store_strided_avx2(ntaps, cg, taps, step, b, st);
+  block16_store_impl(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
 #endif
 }
 
-void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
-                                 const RowStore& st) {
+DYNCONV_TARGET_AVX2 void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                     const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  block16_store_table_avx2(ntaps, cg, rows, b, st);
+  block16_store_impl(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * kMR + i]; }, b, st);
 #endif
 }
+#undef DYNCONV_TARGET_AVX2
 
 template <>
 void tile_gemm<float>(int64_t m, int64_t panels, int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,
