@@ -21,7 +21,7 @@ namespace dynconv {
 std::string build_info() {
   std::string s = "torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                   std::to_string(TORCH_VERSION_PATCH) + ";cpu_kernel=";
-  s += cpu::tile_gemm_uses_avx2() ? "avx2_fma" : "generic";
+  s += cpu::tile_gemm_uses_avx512() ? "avx512f" : cpu::tile_gemm_uses_avx2() ? "avx2_fma" : "generic";
 #ifdef DYNCONV_WITH_CUDA
   s += ";cuda=1";
 #else

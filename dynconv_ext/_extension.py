@@ -1,7 +1,6 @@
 """Loads the compiled extension dynconv_ext._C and checks it matches the running torch."""
 import torch
 
-_BUILD_INFO = None
 _LOAD_ERROR = None
 
 try:
@@ -20,14 +19,16 @@ def load_error():
 
 
 def build_info() -> dict:
-    """What the extension was built with: {'torch': ..., 'cpu_kernel': ..., 'cuda': bool}."""
-    global _BUILD_INFO
-    if _BUILD_INFO is None:
-        require_extension()
-        fields = dict(item.split("=", 1) for item in torch.ops.dynconv.build_info().split(";"))
-        fields["cuda"] = fields.get("cuda") == "1"
-        _BUILD_INFO = fields
-    return _BUILD_INFO
+    """What the extension was built with: {'torch': ..., 'cpu_kernel': ..., 'cuda': bool}.
+
+    ``cpu_kernel`` is the float32 kernel in use now: ``avx512f`` (AVX-512 blocks for outputs wider than 16
+    channels, AVX2 below), ``avx2_fma`` or ``generic``. It is asked afresh on every call, because
+    ``DYNCONV_EXT_AVX512=0`` (read by the kernels on every call) turns the AVX-512 blocks off.
+    """
+    require_extension()
+    fields = dict(item.split("=", 1) for item in torch.ops.dynconv.build_info().split(";"))
+    fields["cuda"] = fields.get("cuda") == "1"
+    return fields
 
 
 def require_extension():

@@ -19,7 +19,7 @@ def test_ops_registered_for_cpu():
 def test_build_info_matches_torch():
     info = dynconv_ext.build_info()
     assert info["torch"] == torch.__version__.split("+")[0]
-    assert info["cpu_kernel"] in ("avx2_fma", "generic")
+    assert info["cpu_kernel"] in ("avx512f", "avx2_fma", "generic")
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():

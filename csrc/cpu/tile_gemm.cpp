@@ -1,5 +1,7 @@
 #include "tile_gemm.h"
 
+#include <cstdlib>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define DYNCONV_X86 1
@@ -300,12 +302,55 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 #undef DYNCONV_HALF
 }
 
+// AVX-512 float block of MR rows x 16*NV channels (8x32 or 6x64): MR*NV accumulators (16 or 24) + NV B vectors
+// + 1 broadcast of the 32 zmm registers. Per k: NV loads of B, MR broadcasts of A, MR*NV FMAs, so the loop is
+// bound by the FMA pipes; the arrays are fully unrolled into registers (no stack traffic in the loop: objdump).
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                       const float* b, float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = 16 * NV;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* a[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) a[i] = rows[t * MR + i];
+    for (int64_t k = 0; k < cg; ++k, b += NR) {
+      __m512 bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x = _mm512_set1_ps(a[i][k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + 16 * v;
+      _mm512_storeu_ps(ci, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(ci)) : acc[i][v]);
+    }
+}
+
+bool cpu_has_avx512f() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 #else
 bool cpu_has_avx2_fma() { return false; }
+bool cpu_has_avx512f() { return false; }
 #endif
 
 #ifdef DYNCONV_X86
@@ -357,6 +402,12 @@ void stream_fence() {
 }
 
 bool tile_gemm_uses_avx2() { return cpu_has_avx2_fma(); }
+
+bool tile_gemm_uses_avx512() {
+  if (!cpu_has_avx512f()) return false;
+  const char* v = std::getenv("DYNCONV_EXT_AVX512");
+  return !(v && v[0] == '0');
+}
 
 // The fused-store blocks (float, AVX2 only: callers check tile_gemm_uses_avx2()): the strided form reads row i of
 // tap t at taps[t] + i * step, the table form at rows[t * MR + i].
@@ -446,6 +497,42 @@ template <>
 void conv_block_8x8<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
                             int64_t ldc, bool accumulate) {
   conv_block_generic<double, kMR8, kNR8>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_8x32<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
+                            int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx512f()) {
+    conv_block_zmm<kMR32, kNR32 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  conv_block_generic<float, kMR32, kNR32>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_8x32<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
+                             int64_t ldc, bool accumulate) {
+  conv_block_generic<double, kMR32, kNR32>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
+                            int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx512f()) {
+    conv_block_zmm<kMR64, kNR64 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  conv_block_generic<float, kMR64, kNR64>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_6x64<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
+                             int64_t ldc, bool accumulate) {
+  conv_block_generic<double, kMR64, kNR64>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 }  // namespace dynconv::cpu

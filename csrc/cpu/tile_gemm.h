@@ -66,4 +66,23 @@ void stream_fence();
 // True when the AVX2+FMA float kernel is used on this CPU.
 bool tile_gemm_uses_avx2();
 
+// AVX-512 blocks for wide outputs: 8 output rows x 32 output channels (two zmm vectors per row, 16 accumulators)
+// and 6 rows x 64 channels (four per row, 24 accumulators), B packed in 32- or 64-column panels
+// (b[(t*cg + k)*NR + j]), rows[t*MR + i]; otherwise as conv_block_6x16. On a CPU with AVX-512F they do twice the
+// work per instruction of the 6x16 AVX2 block; elsewhere (and for double) they are the portable loop, so callers
+// pick them only where tile_gemm_uses_avx512().
+constexpr int64_t kMR32 = 8;
+constexpr int64_t kNR32 = 32;
+template <typename T>
+void conv_block_8x32(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+constexpr int64_t kMR64 = 6;
+constexpr int64_t kNR64 = 64;
+template <typename T>
+void conv_block_6x64(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+
+// True when this CPU (and its OS) has AVX-512F and the environment variable DYNCONV_EXT_AVX512 does not start
+// with '0'. Read on every call, so one process can time both kernels interleaved (python/tools/avx512_ab.py).
+bool tile_gemm_uses_avx512();
+
+
 }  // namespace dynconv::cpu

@@ -1,0 +1,83 @@
+"""The CPU kernels' instruction-set paths give the same results.
+
+On a CPU with AVX-512F, float32 convolutions with more than 16 output channels per group run on AVX-512 register
+blocks (6 rows x 64 channels where the panels tile the output, 8 x 32 otherwise); DYNCONV_EXT_AVX512=0 (read on
+every call) sends them back to the AVX2 6x16 block. Both are checked against the reference on shapes that pick
+each block: partial panels, groups, strides, dilation, residual and activation, a slice output. The AVX-512 cases
+skip on CPUs without it.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv_ext
+from dynconv_ext.ops import masked_conv2d
+from dynconv_ext.ops.conv2d_into import conv2d_into
+from dynconv_ext.reference import masked_conv2d_reference
+
+# (C_in, C_out, k, stride, padding, dilation, groups, H): Cog 64 and 128 (6x64 panels), 24/40/96 (8x32, partial
+# last panel), 64 with 160 input channels at 3x3 (K = 1440 > 1152: 8x32), 2 groups of 64, a 1x1.
+SHAPES = [
+    (16, 64, 3, 1, 1, 1, 1, 9),
+    (32, 128, 3, 2, 1, 1, 1, 11),
+    (8, 24, 3, 1, 2, 2, 1, 10),
+    (20, 40, 1, 1, 0, 1, 1, 7),
+    (12, 96, 3, 1, 1, 1, 1, 8),
+    (160, 64, 3, 1, 1, 1, 1, 6),
+    (16, 128, 3, 1, 1, 1, 2, 7),
+    (64, 64, 1, 1, 0, 1, 1, 13),
+]
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("DYNCONV_EXT_AVX512", "1" if request.param == "avx512" else "0")
+    if request.param == "avx512" and dynconv_ext.build_info()["cpu_kernel"] != "avx512f":
+        pytest.skip("this CPU has no AVX-512F")
+    return request.param
+
+
+def test_build_info_names_the_kernel_in_use(monkeypatch):
+    info = dynconv_ext.build_info()["cpu_kernel"]
+    monkeypatch.setenv("DYNCONV_EXT_AVX512", "0")
+    off = dynconv_ext.build_info()["cpu_kernel"]
+    assert off in ("avx2_fma", "generic")
+    assert info in ("avx512f", off)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-g{s[6]}" for s in SHAPES])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_masked_conv2d_isa(isa, shape, density):
+    cin, cout, k, st, pad, dil, g, h = shape
+    gen = torch.Generator().manual_seed(cin * 31 + cout)
+    x = torch.randn(2, cin, h, h, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // g, k, k, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    ho = F.conv2d(x[:1], w, None, st, pad, dil, g).shape[-1]
+    m = torch.rand(2, ho, ho, generator=gen) < density
+    r = torch.randn(2, cout, ho, ho, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = masked_conv2d(x, w, b, m, st, pad, dil, g, backend="cpp")
+    ref = masked_conv2d_reference(x, w, b, m, st, pad, dil, g, 1)
+    tol = 1e-4 * max(1.0, (w[0].numel()) ** 0.5)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=tol)
+    assert (y.permute(1, 0, 2, 3)[:, ~m] == 0).all()
+    yr = masked_conv2d(x, w, b, m, st, pad, dil, g, backend="cpp", residual=r, activation="relu")
+    torch.testing.assert_close(yr, torch.where(m.unsqueeze(1), (ref + r).relu(), r), rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-g{s[6]}" for s in SHAPES])
+def test_conv2d_into_isa(isa, shape):
+    """A dense conv written into a channel slice of a wider channels-last buffer (the other channels untouched)."""
+    cin, cout, k, st, pad, dil, g, h = shape
+    gen = torch.Generator().manual_seed(cin + cout)
+    x = torch.randn(2, cin, h, h, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // g, k, k, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    ho = F.conv2d(x[:1], w, None, st, pad, dil, g).shape[-1]
+    out = torch.randn(2, cout + 10, ho, ho, generator=gen).contiguous(memory_format=torch.channels_last)
+    before = out.clone()
+    conv2d_into(x, w, b, out, 3, st, pad, dil, g, activation="relu6")
+    ref = F.conv2d(x.double(), w.double(), b.double(), st, pad, dil, g).clamp(0, 6)
+    tol = 1e-4 * max(1.0, (w[0].numel()) ** 0.5)
+    torch.testing.assert_close(out[:, 3:3 + cout].double(), ref, rtol=1e-4, atol=tol)
+    assert torch.equal(out[:, :3], before[:, :3]) and torch.equal(out[:, 3 + cout:], before[:, 3 + cout:])
