@@ -15,8 +15,10 @@ from dynconv_ext.ops import masked_conv2d
 from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.reference import masked_conv2d_reference
 
-# (C_in, C_out, k, stride, padding, dilation, groups, H): Cog 64 and 128 (6x64 panels), 24/40/96 (8x32, partial
-# last panel), 64 with 160 input channels at 3x3 (K = 1440 > 1152: 8x32), 2 groups of 64, a 1x1.
+# (C_in, C_out, k, stride, padding, dilation, groups, H). Masked convs: Cog 64 and 128 (6x64 panels), 24/40/96
+# (8x32, partial last panel), 64 with 160 input channels at 3x3 (K = 1440 > 1152: 8x32), 2 groups of 64, a 1x1.
+# conv2d_into (dense) also takes the fused 8x16 / 8x32 blocks for 9-64 channels per group: 12, 2 groups of 16,
+# 24, 40, 64.
 SHAPES = [
     (16, 64, 3, 1, 1, 1, 1, 9),
     (32, 128, 3, 2, 1, 1, 1, 11),
@@ -26,6 +28,8 @@ SHAPES = [
     (160, 64, 3, 1, 1, 1, 1, 6),
     (16, 128, 3, 1, 1, 1, 2, 7),
     (64, 64, 1, 1, 0, 1, 1, 13),
+    (10, 12, 3, 1, 1, 1, 1, 9),
+    (8, 32, 3, 2, 1, 1, 2, 12),
 ]
 
 

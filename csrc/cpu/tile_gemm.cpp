@@ -1,5 +1,6 @@
 #include "tile_gemm.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -339,6 +340,58 @@ __attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg
     }
 }
 
+// The AVX-512 block with its epilogue in registers (see block8_store_impl): MR rows x 16*NV channels, of which the
+// first st.n are read (bias, residual) and written, through lane masks (masked lanes neither fault nor store).
+template <int MR, int NV, typename RowAt>
+__attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int64_t ntaps, int64_t cg, RowAt row,
+                                                                            const float* b, const RowStore& st) {
+  constexpr int64_t NR = 16 * NV;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* a[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) a[i] = row(t, i);
+    for (int64_t k = 0; k < cg; ++k, b += NR) {
+      __m512 bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x = _mm512_set1_ps(a[i][k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+      }
+    }
+  }
+  __mmask16 mk[NV];
+  __m512 bias[NV];
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t nv = std::min<int64_t>(16, std::max<int64_t>(0, st.n - 16 * v));
+    mk[v] = static_cast<__mmask16>((1u << nv) - 1u);
+    bias[v] = st.bias ? _mm512_maskz_loadu_ps(mk[v], st.bias + 16 * v) : zero;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (i >= st.nvalid) break;
+    float* d = st.dst[i];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m512 y = _mm512_add_ps(acc[i][v], bias[v]);
+      if (st.add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk[v], d + 16 * v));
+      // (max/min return their second operand when either is NaN: y second keeps a NaN, as std::max/min do.)
+      if (st.act != 0) y = _mm512_max_ps(zero, y);
+      if (st.act == 2) y = _mm512_min_ps(six, y);
+      _mm512_mask_storeu_ps(d + 16 * v, mk[v], y);
+    }
+  }
+}
+
 bool cpu_has_avx512f() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
@@ -444,6 +497,38 @@ DYNCONV_TARGET_AVX2 void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, 
 #endif
 }
 #undef DYNCONV_TARGET_AVX2
+
+// The AVX-512 fused-store blocks (float; callers check tile_gemm_uses_avx512()).
+#ifdef DYNCONV_X86
+#define DYNCONV_TARGET_AVX512 __attribute__((target("avx512f")))
+#else
+#define DYNCONV_TARGET_AVX512
+#endif
+DYNCONV_TARGET_AVX512 void conv_block_8x16z_store_strided(int64_t ntaps, int64_t cg, const float* const* taps,
+                                                          int64_t step, const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  zmm_store_impl<8, 1>(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
+#endif
+}
+DYNCONV_TARGET_AVX512 void conv_block_8x16z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                        const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  zmm_store_impl<8, 1>(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * 8 + i]; }, b, st);
+#endif
+}
+DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_strided(int64_t ntaps, int64_t cg, const float* const* taps,
+                                                          int64_t step, const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  zmm_store_impl<8, 2>(ntaps, cg, [taps, step](int64_t t, int64_t i) { return taps[t] + i * step; }, b, st);
+#endif
+}
+DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                        const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  zmm_store_impl<8, 2>(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * 8 + i]; }, b, st);
+#endif
+}
+#undef DYNCONV_TARGET_AVX512
 
 template <>
 void tile_gemm<float>(int64_t m, int64_t panels, int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,

@@ -55,6 +55,17 @@ void conv_block_6x16_store_strided(int64_t ntaps, int64_t cg, const float* const
 void conv_block_6x16_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
                                  const RowStore& st);
 
+// AVX-512 fused-store blocks (float; only where tile_gemm_uses_avx512()): 8 pixels x up to 16 channels (one zmm
+// per row) and 8 pixels x up to 32 (two), st.n channels stored through lane masks, st.dst[0..8).
+void conv_block_8x16z_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
+                                    const float* b, const RowStore& st);
+void conv_block_8x16z_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                  const RowStore& st);
+void conv_block_8x32z_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
+                                    const float* b, const RowStore& st);
+void conv_block_8x32z_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                  const RowStore& st);
+
 // Streaming (non-temporal) row stores: dst[j] = act(src[j] (+ bias[j])) for j < n (act: 0 none, 1 ReLU,
 // 2 ReLU6), and dst[0..n) = 0, written without reading the destination lines first. dst must be 32-byte
 // aligned and n a multiple of 8 (float); returns false (and writes nothing) where that does not hold or AVX2
