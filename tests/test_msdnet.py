@@ -232,6 +232,20 @@ def test_inference_mode_then_input_gradients():
     torch.testing.assert_close(again[-1], ref[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_model_built_under_inference_mode():
+    """Parameters created under inference_mode are inference tensors without a version counter: the fold cache
+    must not crash on them, nor serve stale folded weights after an in-place change."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model = small()
+        first, ref = both_paths(model, x)
+        torch.testing.assert_close(first[-1], ref[-1], rtol=1e-4, atol=1e-4)
+        model.classifiers[-1].conv2.bn.running_mean.add_(1.0)  # folded into the conv: the cache must see it
+        second, ref2 = both_paths(model, x)
+        torch.testing.assert_close(second[-1], ref2[-1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(second[-1], first[-1])
+
+
 # ---------------------------------------------------------------- staged execution
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -189,6 +189,26 @@ def test_fused_path_has_no_cat(monkeypatch):
         assert _rel_err(r, o) < 1e-4
 
 
+def test_model_built_under_inference_mode():
+    """Inference-tensor parameters (no version counter): no crash, and an in-place change is seen."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        m = _small_bn_before().eval()
+        first = m(x)
+        m.fused = False
+        ref = m(x)
+        m.fused = True
+        torch.testing.assert_close(first[-1], ref[-1], rtol=1e-4, atol=1e-4)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.mul_(0.5)
+        second = m(x)
+        m.fused = False
+        ref2 = m(x)
+        torch.testing.assert_close(second[-1], ref2[-1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(second[-1], first[-1])
+
+
 def test_fold_cache_invalidation():
     torch.manual_seed(0)
     m = _randomize(_small_bn_before(bn_after=True)).eval()

@@ -38,7 +38,7 @@ inline PixelCoord coord(const ConvShape& s, int64_t p) {
   return {n, r / s.Wo, r % s.Wo};
 }
 
-// Packs the weights of every group into nr-column panels (16, or 8 for the narrow block):
+// Packs the weights of every group into nr-column panels (16; 8 for the narrow block; 32 or 64 for the AVX-512 ones):
 //   packed[((g * panels + p) * K + k) * nr + j] = weight[g*Cog + p*nr + j, c, kh, kw], k = (kh*KW + kw)*Cg + c.
 // A tensor, not a vector: the CPU allocator aligns to 64 bytes, so a 16-float panel row is one cache line
 // (an 8-float row half of one) and B loads never split lines. Read straight from the [Co, Cg, KH, KW] weight (no permuted copy), one

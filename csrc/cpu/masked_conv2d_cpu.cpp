@@ -2,7 +2,8 @@
 //
 // Forward (implicit GEMM): active output rows are taken in blocks of 6; for each tap a row pointer into the
 // channels-last input (a zero row for padding) feeds a 6x16 register-blocked microkernel (conv_block_6x16)
-// against weights pre-packed in 16-column panels, so there is no im2row copy. The epilogue adds bias, the
+// against weights pre-packed in 16-column panels, so there is no im2row copy. On AVX-512 CPUs, float outputs wider
+// than 16 channels per group take a 6x64 or 8x32 AVX-512 block instead (conv_rows_forward.h: forward_gemm). The epilogue adds bias, the
 // residual and the activation and writes each row straight to its output pixel; inactive pixels are zeroed
 // (or keep the residual) in the same parallel region. Above `dense_threshold` active density the dense ATen
 // convolution is faster and is used instead, then masked.

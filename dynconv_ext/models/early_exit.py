@@ -26,6 +26,16 @@ from torch import nn
 from ..profile.macs import LayerMacs
 
 
+def tensor_stamp(t: torch.Tensor):
+    """What identifies a parameter's current values for a cache of derived tensors (folded BN weights):
+    (data pointer, version counter, dtype). An inference tensor (a model built under torch.inference_mode) has no
+    version counter, so an in-place change to it could not be seen: its stamp is a fresh object that equals
+    nothing, and caches keyed on it rebuild on every call instead of serving stale values."""
+    if t.is_inference():
+        return object()
+    return (t.data_ptr(), t._version, t.dtype)
+
+
 def index_state(state: Any, index: torch.Tensor, empty=None) -> Any:
     """``state`` with every tensor restricted to the samples ``index`` (dim 0); lists, tuples and dicts are
     walked; other values are kept. 4-D tensors keep their memory format (channels-last buffers stay so).

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 
 from ..nn.blocks import fold_bn
 from ..ops.conv2d_into import conv2d_into
-from .early_exit import EarlyExitNet
+from .early_exit import EarlyExitNet, tensor_stamp
 
 __all__ = ["MSDNet", "msdnet_cifar", "msdnet_cifar_budgeted", "msdnet_imagenet"]
 
@@ -367,7 +367,7 @@ class MSDNet(EarlyExitNet):
             return cache[2]
         tensors = cache[0] if cache is not None else list(chain(self.parameters(), self.buffers()))
         # weights folded under inference_mode are inference tensors, unusable where autograd records
-        sig = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (torch.is_inference_mode_enabled(),)
+        sig = tuple(tensor_stamp(t) for t in tensors) + (torch.is_inference_mode_enabled(),)
         if cache is None or (cache[1] != sig and (cache[1][:-1] != sig[:-1] or cache[1][-1])):
             folded = {}
             for m in self.modules():

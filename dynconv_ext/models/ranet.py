@@ -73,7 +73,7 @@ from torch import nn
 
 from ..nn.blocks import bn_scale_shift, fold_bn
 from ..ops import conv2d_into, resize_into
-from .early_exit import EarlyExitNet, index_state
+from .early_exit import EarlyExitNet, index_state, tensor_stamp
 
 __all__ = ["RANet", "ranet_cifar", "ranet_imagenet"]
 
@@ -384,7 +384,7 @@ class RANet(EarlyExitNet):
 
     @staticmethod
     def _stamp(*tensors):
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors if t is not None)
+        return tuple(tensor_stamp(t) for t in tensors if t is not None)
 
     def _folded(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
         """(weight, bias) of conv followed by bn in eval, detached and cached."""
