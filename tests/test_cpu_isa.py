@@ -85,3 +85,28 @@ def test_conv2d_into_isa(isa, shape):
     tol = 1e-4 * max(1.0, (w[0].numel()) ** 0.5)
     torch.testing.assert_close(out[:, 3:3 + cout].double(), ref, rtol=1e-4, atol=tol)
     assert torch.equal(out[:, :3], before[:, :3]) and torch.equal(out[:, 3 + cout:], before[:, 3 + cout:])
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5] + SHAPES[6:8], ids=[f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-g{s[6]}"
+                                                                 for s in SHAPES[:5] + SHAPES[6:8]])
+@pytest.mark.parametrize("n", [1, 3])  # fewer samples than threads (dA materialized) and more (per-sample pull)
+def test_masked_conv2d_backward_isa(isa, shape, n):
+    """float32 gradients (the backward GEMMs: AVX-512 tiles of 1, 2 or 4 panels, or the AVX2 tile) against the
+    float64 gradients of the dense reference times the mask."""
+    cin, cout, k, st, pad, dil, g, h = shape
+    gen = torch.Generator().manual_seed(7 * cin + cout)
+    x = torch.randn(n, cin, h, h, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // g, k, k, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    ho = F.conv2d(x[:1], w, None, st, pad, dil, g).shape[-1]
+    m = torch.rand(n, ho, ho, generator=gen) < 0.4
+    go = torch.randn(n, cout, ho, ho, generator=gen)
+    grads = []
+    for dtype, fn in ((torch.float32, lambda *t: masked_conv2d(*t, m, st, pad, dil, g, backend="cpp")),
+                      (torch.float64, lambda xx, ww, bb: F.conv2d(xx, ww, bb, st, pad, dil, g) * m.unsqueeze(1))):
+        xs, ws, bs = (t.to(dtype).detach().requires_grad_(True) for t in (x, w, b))
+        fn(xs, ws, bs).backward(go.to(dtype))
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for got, ref in zip(*grads):
+        scale = ref.abs().max().item() + 1.0
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * scale)

@@ -392,6 +392,64 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
   }
 }
 
+// AVX-512 tile micro-kernel for the backward GEMMs: 6 rows x NP 16-column panels at once (NP = 4, 2 or 1; the
+// panels lie panel_stride apart, as tile_gemm packs them), 6*NP zmm accumulators. Each output is still summed in k
+// order, so the result equals the AVX2 kernel's bit for bit.
+template <int NP>
+__attribute__((target("avx512f"))) void micro_zmm(int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,
+                                                  const float* b, int64_t panel_stride, float* c, int64_t ldc,
+                                                  bool accumulate) {
+  __m512 acc[kMR][NP];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i)
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_ps();
+  const float* ar[kMR];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) ar[i] = a + i * rs_a;
+  int64_t off = 0;
+  for (int64_t k = 0; k < kc; ++k, off += cs_a) {
+    __m512 bv[NP];
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) bv[q] = _mm512_loadu_ps(b + q * panel_stride + k * kNR);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 x = _mm512_set1_ps(ar[i][off]);
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_fmadd_ps(x, bv[q], acc[i][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i)
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      float* ci = c + i * ldc + q * kNR;
+      _mm512_storeu_ps(ci, accumulate ? _mm512_add_ps(acc[i][q], _mm512_loadu_ps(ci)) : acc[i][q]);
+    }
+}
+
+__attribute__((target("avx512f"))) void tile_avx512(int64_t m, int64_t panels, int64_t kc, const float* a,
+                                                    int64_t rs_a, int64_t cs_a, const float* b, int64_t panel_stride,
+                                                    float* c, int64_t ldc, bool accumulate) {
+  // Groups of 4 panels (then 2, then 1), group-outer: the group's B (kc x 64 floats) stays in L1 while the
+  // 6-row blocks of A stream past it.
+  int64_t p = 0;
+  for (; p + 4 <= panels; p += 4)
+    for (int64_t i = 0; i < m; i += kMR)
+      micro_zmm<4>(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, panel_stride, c + i * ldc + p * kNR, ldc,
+                   accumulate);
+  if (p + 2 <= panels) {
+    for (int64_t i = 0; i < m; i += kMR)
+      micro_zmm<2>(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, panel_stride, c + i * ldc + p * kNR, ldc,
+                   accumulate);
+    p += 2;
+  }
+  if (p < panels)
+    for (int64_t i = 0; i < m; i += kMR)
+      micro_zmm<1>(kc, a + i * rs_a, rs_a, cs_a, b + p * panel_stride, panel_stride, c + i * ldc + p * kNR, ldc,
+                   accumulate);
+}
+
 bool cpu_has_avx512f() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
@@ -534,6 +592,10 @@ template <>
 void tile_gemm<float>(int64_t m, int64_t panels, int64_t kc, const float* a, int64_t rs_a, int64_t cs_a,
                       const float* b, int64_t panel_stride, float* c, int64_t ldc, bool accumulate) {
 #ifdef DYNCONV_X86
+  if (tile_gemm_uses_avx512()) {
+    tile_avx512(m, panels, kc, a, rs_a, cs_a, b, panel_stride, c, ldc, accumulate);
+    return;
+  }
   if (cpu_has_avx2_fma()) {
     tile_avx2(m, panels, kc, a, rs_a, cs_a, b, panel_stride, c, ldc, accumulate);
     return;
