@@ -18,7 +18,12 @@ def cmd_info(_args) -> int:
     info = dynconv_ext.build_info()
     print(f"built with   torch {info['torch']}")
     print("backends:")
-    print(f"  cpp-cpu    built ({info['cpu_kernel']} kernel)")
+    kernel_notes = {"avx512f": "AVX-512 blocks for outputs wider than 8-16 channels per group and the backward "
+                               "GEMMs, AVX2 otherwise; "
+                               "DYNCONV_EXT_AVX512=0 keeps all on AVX2",
+                    "avx2_fma": "AVX2+FMA blocks", "generic": "portable loops: no AVX2 on this CPU"}
+    kernel = info["cpu_kernel"]
+    print(f"  cpp-cpu    built ({kernel} kernel: {kernel_notes.get(kernel, kernel)})")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
     print(f"  cuda       {'built' if info['cuda'] else 'not built'}; {gpu}")
     try:
