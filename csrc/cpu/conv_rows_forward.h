@@ -389,6 +389,13 @@ inline bool fused_narrow_enabled() {
   return env_switch_on("DYNCONV_EXT_FUSED_NARROW") && env_switch_on("DYNCONV_EXT_FUSED8");
 }
 
+// DYNCONV_EXT_FUSED_PREFETCH=0 turns off the fused path's software prefetch of the next output row's new input
+// rows. A concat buffer's channel slice is read a few channels per pixel at the buffer's full pixel stride (e.g. 16
+// of 64 channels: one cache line in four), a pattern the hardware prefetcher serves poorly once the buffer is out of
+// L2. Measured on the 2-core AVX-512 Xeon, one process, interleaved (python python/tools/fused_prefetch_ab.py):
+// MSDNet CIFAR whole network batch 256 1.10x, its first stage 1.18x, RANet CIFAR 1.08x; neutral at batch 64.
+inline bool fused_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_FUSED_PREFETCH"); }
+
 // A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
 // float, AVX2, channels contiguous in the output; the 8x8 block up to 8 channels, the 6x16 one above.
 // MSDNet's fine-scale layers (1x1 bottlenecks and 3x3 convs to 6 channels at 32x32) were bound by instructions
@@ -437,6 +444,7 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
   const int64_t step = s.SW * iv.sW;
   const int64_t rows_total = s.N * s.Ho;
   std::atomic<int64_t> next_row{0};
+  const bool prefetch_next_row = fused_prefetch_enabled();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(rows_total, 2));
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     std::vector<const float*> strided(static_cast<size_t>(taps)), table(static_cast<size_t>(taps * B)),
@@ -497,6 +505,15 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
         const int64_t seg_end = lo + (hi - lo) / B * B;
         for (int64_t w0 = lo; w0 < seg_end; w0 += B) {
           const float* base = irow + (w0 * s.SW - s.PW) * iv.sW;
+          if (prefetch_next_row) {
+            // The input rows the next output row reads and this one does not, under this segment.
+            const int64_t r0 = hi0 + tt.span_h + 1;
+            for (int64_t r = r0; r < r0 + s.SH && r < s.H; ++r) {
+              const float* pb = x + n * iv.sN + r * iv.sH + (w0 * s.SW - s.PW) * iv.sW;
+              for (int64_t i = 0; i < B * s.SW; ++i)
+                for (int64_t c = 0; c < s.Cg; c += 16) __builtin_prefetch(pb + i * iv.sW + c);
+            }
+          }
           for (int64_t t = 0; t < taps; ++t) strided[t] = base + tap_off[t];
           for (int64_t i = 0; i < B; ++i) seg_dst[i] = orow + (w0 + i) * ov.sW;
           run(true, B);
