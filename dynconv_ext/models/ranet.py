@@ -417,10 +417,9 @@ class RANet(EarlyExitNet):
     # fused primitives: write into channel slices of channels-last buffers
     # ------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _empty(like: torch.Tensor, channels: int, hw) -> torch.Tensor:
-        return torch.empty((like.shape[0], channels) + tuple(hw), dtype=like.dtype, device=like.device,
-                           memory_format=CL)
+    def _empty(self, like: torch.Tensor, channels: int, hw) -> torch.Tensor:
+        # from the net's buffer pool: fresh buffers this large would be page-faulted in on every forward
+        return self._pooled_empty(like, channels, hw[0], hw[1])
 
     @staticmethod
     def _conv_hw(conv: nn.Conv2d, hw):
@@ -465,11 +464,10 @@ class RANet(EarlyExitNet):
     # state: {"fused", "bufs": {id: buffer}, "next": int, "flows": [{"x", "done", "low"}]}; with fused=True a
     # feature is a descriptor (buffer id, channels) naming the prefix bufs[id][:, :channels], else a tensor.
 
-    @staticmethod
-    def _new_buf(state, like, channels, hw):
+    def _new_buf(self, state, like, channels, hw):
         bid = state["next"]
         state["next"] = bid + 1
-        state["bufs"][bid] = RANet._empty(like, channels, hw)
+        state["bufs"][bid] = self._empty(like, channels, hw)
         return bid, state["bufs"][bid]
 
     @staticmethod
@@ -536,9 +534,10 @@ class RANet(EarlyExitNet):
         return state, logits
 
     def keep(self, state: Any, index: torch.Tensor) -> Any:
-        state = index_state(state, index)
-        if state["fused"]:
-            state["bufs"] = {k: v.contiguous(memory_format=CL) for k, v in state["bufs"].items()}
+        if not state["fused"]:
+            return index_state(state, index)
+        state = super().keep(state, index)  # the buffers are gathered into pooled channels-last ones
+        state["bufs"] = {k: v.contiguous(memory_format=CL) for k, v in state["bufs"].items()}
         return state
 
     # ------------------------------------------------------------------------------------------------------------
