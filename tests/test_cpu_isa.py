@@ -32,6 +32,18 @@ SHAPES = [
     (8, 32, 3, 2, 1, 1, 2, 12),
 ]
 
+# Depthwise-style groups (one input channel per group) take their own kernel: 4-pixel AVX-512 runs along interior
+# rows, one pixel at a time at borders and between inactive pixels. (C, C_out, k, stride, padding, dilation, H):
+# one 16-lane block, 2.5 blocks with dilation, an odd count with stride 2, a channel multiplier of 2 (generic loop),
+# and a single-channel plain conv (routed to the GEMM).
+DEPTHWISE = [
+    (16, 16, 3, 1, 1, 1, 10),
+    (40, 40, 3, 1, 2, 2, 11),
+    (13, 13, 3, 2, 1, 1, 13),
+    (8, 16, 3, 1, 1, 1, 9),
+    (1, 1, 3, 1, 1, 1, 12),
+]
+
 
 @pytest.fixture(params=["avx2", "avx512"])
 def isa(request, monkeypatch):
@@ -110,3 +122,29 @@ def test_masked_conv2d_backward_isa(isa, shape, n):
     for got, ref in zip(*grads):
         scale = ref.abs().max().item() + 1.0
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("shape", DEPTHWISE, ids=[f"{s[0]}-{s[1]}-s{s[3]}-d{s[5]}" for s in DEPTHWISE])
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("density", [0.6, 1.0])
+def test_depthwise_isa(isa, shape, layout, density):
+    c, cout, k, st, pad, dil, h = shape
+    gen = torch.Generator().manual_seed(c * 7 + cout + h)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = torch.randn(3, c, h, h, generator=gen).contiguous(memory_format=fmt)
+    w = torch.randn(cout, 1, k, k, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    ho = F.conv2d(x[:1], w, None, st, pad, dil, c).shape[-1]
+    m = torch.rand(3, ho, ho, generator=gen) < density
+    r = torch.randn(3, cout, ho, ho, generator=gen).contiguous(memory_format=fmt)
+    ref = masked_conv2d_reference(x, w, b, m, st, pad, dil, c, 1)
+    y = masked_conv2d(x, w, b, m, st, pad, dil, c, backend="cpp")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert (y.permute(1, 0, 2, 3)[:, ~m] == 0).all()
+    yr = masked_conv2d(x, w, b, m, st, pad, dil, c, backend="cpp", residual=r, activation="relu6")
+    torch.testing.assert_close(yr, torch.where(m.unsqueeze(1), (ref + r).clamp(0, 6), r), rtol=1e-5, atol=1e-5)
+    out = torch.randn(3, cout + 5, ho, ho, generator=gen).contiguous(memory_format=torch.channels_last)
+    before = out.clone()
+    conv2d_into(x, w, b, out, 2, st, pad, dil, c, activation="relu")
+    torch.testing.assert_close(out[:, 2:2 + cout], F.conv2d(x, w, b, st, pad, dil, c).relu(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, :2], before[:, :2]) and torch.equal(out[:, 2 + cout:], before[:, 2 + cout:])

@@ -29,7 +29,7 @@ void conv2d_into_cpu_(const at::Tensor& input, const at::Tensor& weight, const s
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int act = static_cast<int>(activation);
-    if (s.Cg == 1)
+    if (s.Cg == 1 && s.G > 1)  // depthwise; a single-channel plain conv is a (narrow) GEMM
       forward_depthwise<scalar_t>(s, xp, iv, weight, bp, /*rows=all*/ nullptr, s.out_pixels(), op, ov, false, act, nullptr);
     else
       forward_gemm<scalar_t>(s, xp, iv, weight, bp, /*rows=all*/ nullptr, s.out_pixels(), op, ov, false, act, nullptr);

@@ -14,6 +14,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include "../conv_shape.h"
 #include "active_rows.h"
 #include "tile_gemm.h"
@@ -562,8 +566,197 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
     forward_gemm_blocked<T, Block6x16>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
 }
 
-// Depthwise-style groups (one input channel per group): a GEMM would be 1 column wide, so compute
-// directly, vectorized over channels of the channels-last input. `rows` as for forward_gemm.
+// Depthwise-style groups (one input channel per group): a GEMM would be 1 column wide, so compute directly,
+// vectorized over the channels of the channels-last input. `rows` as for forward_gemm.
+// A pixel's channels go in blocks of kDwBlock accumulators (a compile-time width, so they stay in registers); each
+// valid tap adds x[tap][c / Cog] * w[tap][c]. The row loop is compiled three times (generic, AVX2, AVX-512 for
+// float) so the channel loops vectorize to the machine's registers; on AVX-512, runs of 4 interior pixels of a row
+// share one pass over the taps (dw_interior_avx512: 4 independent accumulator chains). Taps come from a TapTable
+// (interior pixels skip the bounds checks) and consecutive pixels step their coordinates instead of dividing.
+// Measured on the 2-core AVX-512 Xeon (16 channels 3x3, 32x32, batch 256, 2 threads): 7.7 ms with the former
+// one-pixel loop (accumulators in memory, per-tap bounds checks and divisions), 3.2 ms on the AVX2 path, 1.8 ms
+// on the AVX-512 one; oneDNN's F.conv2d 1.0 ms.
+constexpr int64_t kDwBlock = 16;
+constexpr int64_t kDwPixels = 4;
+
+template <typename T>
+struct DepthwiseRows;
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx512f"))) inline void dw_interior_avx512(const DepthwiseRows<float>& k,
+                                                                 const float* const* src, int64_t step, float* dst);
+#endif
+
+template <typename T>
+struct DepthwiseRows {
+  const ConvShape& s;
+  const T* x;
+  const InView& iv;
+  const TapTable<T>& tt;
+  const T* wt;  // wt[t * Co + co] = weight[co, 0, t]
+  const T* bias;
+  const int64_t* rows;
+  T* out;
+  const OutView& ov;
+  bool add;
+  int act;
+
+  // Channels [c0, c0 + NB) of one output pixel; NB a compile-time width so the accumulators stay in registers.
+  template <int64_t NB>
+  __attribute__((always_inline)) inline void block(int64_t c0, int64_t nb, int64_t ntaps, const T* const* src,
+                                                   const T* const* wrow, T* dst) const {
+    T a[NB];
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < NB; ++c) a[c] = T(0);
+    if (s.Cog == 1) {
+      for (int64_t t = 0; t < ntaps; ++t) {
+        const T* __restrict xp = src[t] + c0;
+        const T* __restrict wr = wrow[t] + c0;
+#pragma GCC unroll 16
+        for (int64_t c = 0; c < NB; ++c) a[c] += (c < nb ? xp[c] * wr[c] : T(0));
+      }
+    } else {
+      for (int64_t t = 0; t < ntaps; ++t)
+        for (int64_t c = 0; c < nb; ++c) a[c] += src[t][(c0 + c) / s.Cog] * wrow[t][c0 + c];
+    }
+    T* d = dst + c0 * ov.sC;
+    for (int64_t c = 0; c < nb; ++c) {
+      T& o = d[c * ov.sC];
+      o = apply_act(a[c] + (bias ? bias[c0 + c] : T(0)) + (add ? o : T(0)), act);
+    }
+  }
+
+  __attribute__((always_inline)) inline void pixel(int64_t ntaps, const T* const* src, const T* const* wrow,
+                                                   T* dst) const {
+    int64_t c0 = 0;
+    for (; c0 + kDwBlock <= s.Co; c0 += kDwBlock) block<kDwBlock>(c0, kDwBlock, ntaps, src, wrow, dst);
+    if (c0 < s.Co) block<kDwBlock>(c0, s.Co - c0, ntaps, src, wrow, dst);
+  }
+
+  // kAvx512: the caller is AVX-512 code (T is float), so runs of interior pixels take pixels_interior_avx512.
+  template <bool kAvx512>
+  __attribute__((always_inline)) inline void range(int64_t rb, int64_t re) const {
+    const int64_t taps = s.taps();
+    std::vector<const T*> src(static_cast<size_t>(taps)), wrow(static_cast<size_t>(taps)),
+        wall(static_cast<size_t>(taps));
+    for (int64_t t = 0; t < taps; ++t) wall[t] = wt + t * s.Co;
+    PixelCoord pc{0, 0, 0};
+    int64_t prev = -2;
+    for (int64_t r = rb; r < re;) {
+      const int64_t p = rows ? rows[r] : r;
+      if (p == prev + 1) {  // the next pixel: step the coordinates instead of dividing
+        if (++pc.wo == s.Wo) {
+          pc.wo = 0;
+          if (++pc.ho == s.Ho) {
+            pc.ho = 0;
+            ++pc.n;
+          }
+        }
+      } else {
+        pc = coord(s, p);
+      }
+      const int64_t hi0 = pc.ho * s.SH - s.PH, wi0 = pc.wo * s.SW - s.PW;
+      const T* corner = x + pc.n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
+      T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
+#if defined(__x86_64__) || defined(_M_X64)
+      // kDwPixels consecutive pixels of this row, all with their windows inside the input
+      if constexpr (kAvx512 && std::is_same_v<T, float>) {
+        const int64_t last = kDwPixels - 1;
+        if (s.Cog == 1 && r + last < re && pc.wo + last < s.Wo && (!rows || rows[r + last] == p + last) &&
+            tt.inside(s, hi0, wi0) && tt.inside(s, hi0, wi0 + last * s.SW)) {
+          for (int64_t t = 0; t < taps; ++t) src[t] = corner + tt.off[t];
+          dw_interior_avx512(*this, src.data(), s.SW * iv.sW, dst);
+          pc.wo += last;
+          prev = p + last;
+          r += kDwPixels;
+          continue;
+        }
+      }
+#endif
+      if (tt.inside(s, hi0, wi0)) {
+        for (int64_t t = 0; t < taps; ++t) src[t] = corner + tt.off[t];
+        pixel(taps, src.data(), wall.data(), dst);
+      } else {
+        int64_t nt = 0;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t hi = hi0 + tt.dh[t], wi = wi0 + tt.dw[t];
+          if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) continue;  // padding: adds nothing
+          src[nt] = corner + tt.off[t];
+          wrow[nt] = wall[t];
+          ++nt;
+        }
+        pixel(nt, src.data(), wrow.data(), dst);
+      }
+      prev = p;
+      ++r;
+    }
+  }
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+// kDwPixels interior pixels of one output row at once (pixel j reads tap t at src[t] + j * step), float, AVX-512
+// (callers inline it only into AVX-512 code): independent accumulators hide the FMA latency that a single
+// pixel's chain of taps waits on. Channels in 16-lane blocks, the last one masked.
+__attribute__((target("avx512f"))) inline void dw_interior_avx512(const DepthwiseRows<float>& k,
+                                                                 const float* const* src, int64_t step, float* dst) {
+  const ConvShape& s = k.s;
+  const OutView& ov = k.ov;
+  const float *wt = k.wt, *bias = k.bias;
+  const bool add = k.add;
+  const int act = k.act;
+  static_assert(kDwPixels == 4, "four accumulators below");
+  const int64_t taps = s.taps();
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+  for (int64_t c0 = 0; c0 < s.Co; c0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, s.Co - c0);
+    const __mmask16 m = static_cast<__mmask16>(nb == 16 ? 0xFFFF : (1u << nb) - 1);
+    __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m512 w = _mm512_maskz_loadu_ps(m, wt + t * s.Co + c0);
+      const float* xp = src[t] + c0;
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp), w, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + step), w, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 2 * step), w, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 3 * step), w, a3);
+    }
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : zero;
+    const __m512 acc[kDwPixels] = {a0, a1, a2, a3};
+    for (int64_t j = 0; j < kDwPixels; ++j) {
+      float* d = dst + j * ov.sW + c0 * ov.sC;
+      if (ov.sC == 1) {
+        __m512 v = _mm512_add_ps(acc[j], bv);
+        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, d));
+        // max/min return their second operand when either is NaN: v second keeps a NaN, as apply_act does
+        if (act != 0) v = _mm512_max_ps(zero, v);
+        if (act == 2) v = _mm512_min_ps(six, v);
+        _mm512_mask_storeu_ps(d, m, v);
+      } else {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, acc[j]);
+        for (int64_t c = 0; c < nb; ++c) {
+          float& o = d[c * ov.sC];
+          o = apply_act(tmp[c] + (bias ? bias[c0 + c] : 0.0f) + (add ? o : 0.0f), act);
+        }
+      }
+    }
+  }
+}
+#endif
+
+template <typename T>
+void depthwise_range_generic(const DepthwiseRows<T>& k, int64_t rb, int64_t re) {
+  k.template range<false>(rb, re);
+}
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx2,fma"))) inline void depthwise_range_avx2(const DepthwiseRows<float>& k, int64_t rb,
+                                                                     int64_t re) {
+  k.range<false>(rb, re);
+}
+__attribute__((target("avx512f"))) inline void depthwise_range_avx512(const DepthwiseRows<float>& k, int64_t rb,
+                                                                      int64_t re) {
+  k.range<true>(rb, re);
+}
+#endif
+
 template <typename T>
 void forward_depthwise(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
                        const int64_t* rows, int64_t M, T* out, const OutView& ov, bool add, int act,
@@ -574,31 +767,23 @@ void forward_depthwise(const ConvShape& s, const T* x, const InView& iv, const a
   std::vector<T> wt(static_cast<size_t>(s.taps() * s.Co));
   for (int64_t co = 0; co < s.Co; ++co)
     for (int64_t t = 0; t < s.taps(); ++t) wt[t * s.Co + co] = wp[co * s.taps() + t];
+  const TapTable<T> tt(s, iv);
+  const DepthwiseRows<T> k{s, x, iv, tt, wt.data(), bias, rows, out, ov, add, act};
+  auto run = &depthwise_range_generic<T>;
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (tile_gemm_uses_avx512())
+      run = &depthwise_range_avx512;
+    else if (tile_gemm_uses_avx2())
+      run = &depthwise_range_avx2;
+  }
+#endif
   at::parallel_for(0, M, 64, [&](int64_t rb, int64_t re) {
     if (zero_mask) {
       const auto [z0, z1] = zero_slice(s, rb, re, M);
       zero_inactive<T>(s, zero_mask, z0, z1, out, ov);
     }
-    std::vector<T> acc(static_cast<size_t>(s.Co));
-    for (int64_t r = rb; r < re; ++r) {
-      const PixelCoord pc = coord(s, rows ? rows[r] : r);
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t t = 0; t < s.taps(); ++t) {
-        const int64_t hi = pc.ho * s.SH - s.PH + (t / s.KW) * s.DH, wi = pc.wo * s.SW - s.PW + (t % s.KW) * s.DW;
-        if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) continue;
-        const T* xp = x + pc.n * iv.sN + hi * iv.sH + wi * iv.sW;
-        const T* wr = wt.data() + t * s.Co;
-        if (s.Cog == 1)
-          for (int64_t c = 0; c < s.C; ++c) acc[c] += xp[c] * wr[c];
-        else
-          for (int64_t co = 0; co < s.Co; ++co) acc[co] += xp[co / s.Cog] * wr[co];
-      }
-      T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
-      for (int64_t co = 0; co < s.Co; ++co) {
-        const T v = acc[co] + (bias ? bias[co] : T(0)) + (add ? dst[co * ov.sC] : T(0));
-        dst[co * ov.sC] = apply_act(v, act);
-      }
-    }
+    run(k, rb, re);
   });
 }
 

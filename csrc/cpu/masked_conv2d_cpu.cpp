@@ -133,7 +133,7 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     // Inactive pixels to zero (none with a residual, or when the caller leaves them unspecified).
     const bool* zero_mask = (has_res || !zero_inactive_pixels) ? nullptr : mask_cells.data_ptr<bool>();
-    if (s.Cg == 1)
+    if (s.Cg == 1 && s.G > 1)  // depthwise; a single-channel plain conv is a (narrow) GEMM
       forward_depthwise<scalar_t>(s, x.data_ptr<scalar_t>(), contiguous_in_view(s), weight, bp, row_ptr, n_rows, op, ov, has_res, act_code, zero_mask);
     else
       forward_gemm<scalar_t>(s, x.data_ptr<scalar_t>(), contiguous_in_view(s), weight, bp, row_ptr, n_rows, op, ov, has_res, act_code, zero_mask);
