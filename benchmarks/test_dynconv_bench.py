@@ -54,7 +54,7 @@ class ModelSpec(NamedTuple):
 MODEL_SPECS = {
     "dynconv_resnet32": ModelSpec(models.dynconv_resnet32, 64, 32, (1, 4), 5, 2, True),
     "dynconv_resnet50": ModelSpec(models.dynconv_resnet50, 8, 224, (1, 4), 3, 3, True),
-    "dynconv_mobilenetv2": ModelSpec(models.dynconv_mobilenetv2, 8, 224, (1,), 3, 3, False),
+    "dynconv_mobilenetv2": ModelSpec(models.dynconv_mobilenetv2, 8, 224, (1,), 3, 3, True),
 }
 MODEL_CASES = [(name, b, d) for name, spec in MODEL_SPECS.items() for b in spec.block_sizes
                for d in (0.25, 0.5, 0.75, 1.0)]

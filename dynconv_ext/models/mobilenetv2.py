@@ -3,8 +3,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..nn.blocks import DynInvertedResidual, conv_bn_act
+from ..nn.blocks import DynInvertedResidual, conv_bn_act, fold_bn
 from .common import enable_inplace_residual
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper and torchvision.
@@ -25,7 +26,25 @@ class PlainInvertedResidual(nn.Module):
         self.stride = stride
 
     def forward(self, x):
-        return self.conv(x)
+        return folded_forward(self.conv, x) if not self.training else self.conv(x)
+
+
+def folded_forward(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """An eval-mode Conv-BN[-ReLU6] stack (conv_bn_act items, or a bare Conv2d followed by its BatchNorm2d) with
+    each BN folded into its conv: what inference deployments do, and what the gated blocks do."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Sequential):  # conv_bn_act: conv, BN, ReLU6
+            w, b = fold_bn(m[0], m[1])
+            x = F.conv2d(x, w, b, m[0].stride, m[0].padding, m[0].dilation, m[0].groups).clamp_(0.0, 6.0)
+            i += 1
+        else:  # Conv2d then BatchNorm2d
+            w, b = fold_bn(m, mods[i + 1])
+            x = F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+            i += 2
+    return x
 
 
 class DynMobileNetV2(nn.Module):
@@ -61,7 +80,7 @@ class DynMobileNetV2(nn.Module):
                 k += 1
                 continue
             h_in, w_in = x.shape[-2:]
-            x = m(x)
+            x = m(x) if self.training or isinstance(m, PlainInvertedResidual) else folded_forward(nn.Sequential(m), x)
             h, w = x.shape[-2:]
             if isinstance(m, PlainInvertedResidual):
                 ungated += m.macs_per_pixel[0] * h_in * w_in + m.macs_per_pixel[1] * h * w
@@ -72,10 +91,17 @@ class DynMobileNetV2(nn.Module):
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.classifier(x)
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The same network computed densely (gates ignored)."""
+    def forward_dense(self, x: torch.Tensor, fold_bn: bool = False) -> torch.Tensor:
+        """The same network computed densely (gates ignored). fold_bn=False: every layer as nn.Modules (BN unfolded,
+        the plain eager network); True: eval BN folded into every conv, the gated path's own arithmetic (the
+        fairer dense baseline)."""
         for m in self.features:
-            x = x + m.conv(x) if isinstance(m, DynInvertedResidual) else m(x)
+            if isinstance(m, DynInvertedResidual):
+                x = x + (folded_forward(m.conv, x) if fold_bn else m.conv(x))
+            elif fold_bn:
+                x = folded_forward(m.conv if isinstance(m, PlainInvertedResidual) else nn.Sequential(m), x)
+            else:
+                x = m.conv(x) if isinstance(m, PlainInvertedResidual) else m(x)
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 

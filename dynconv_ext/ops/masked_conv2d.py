@@ -56,6 +56,11 @@ IntOr2 = Union[int, Tuple[int, int]]
 # Every sparse call also packs the weights (~0.6 ns per weight, while a MAC costs ~1/80 ns per row),
 # so with R output pixels the crossover falls by about 0.6e-9 * 80e9 / R = 48 / R.
 _CPU_CROSSOVER_KXK = 0.9
+# Depthwise convs (one input channel per group) do ~9 MACs per loaded value: memory-bound like 1x1s. On the 2-core
+# AVX-512 Xeon (MobileNetV2's depthwise layers 144ch 56x56 ... 960ch 7x7, batch 8, random pixel masks, ReLU6;
+# dense = oneDNN conv + clamp) the sparse kernel was 1.42-1.87x at density 0.25, 1.03-1.17x at 0.5 and
+# 0.92-1.01x at 0.75.
+_CPU_CROSSOVER_DEPTHWISE = 0.65
 _CPU_CROSSOVER_1X1 = {"narrow": 0.6, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
 # CUDA: a conservative PLACEHOLDER, not measured yet (no GPU was available when the CUDA kernel was
@@ -80,6 +85,8 @@ def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> 
         return _NEVER
     if tuple(weight_shape[-2:]) == (1, 1):
         base = _CPU_CROSSOVER_1X1["narrow" if weight_shape[1] < 128 else "wide"]
+    elif weight_shape[1] == 1:
+        base = _CPU_CROSSOVER_DEPTHWISE
     else:
         base = _CPU_CROSSOVER_KXK
     return max(0.0, base - _CPU_PACKING_ROWS / max(int(out_pixels), 1))
