@@ -393,11 +393,13 @@ inline bool fused_narrow_enabled() {
   return env_switch_on("DYNCONV_EXT_FUSED_NARROW") && env_switch_on("DYNCONV_EXT_FUSED8");
 }
 
-// DYNCONV_EXT_FUSED_PREFETCH=0 turns off the fused path's software prefetch of the next output row's new input
-// rows. A concat buffer's channel slice is read a few channels per pixel at the buffer's full pixel stride (e.g. 16
-// of 64 channels: one cache line in four), a pattern the hardware prefetcher serves poorly once the buffer is out of
-// L2. Measured on the 2-core AVX-512 Xeon, one process, interleaved (python python/tools/fused_prefetch_ab.py):
-// MSDNet CIFAR whole network batch 256 1.10x, its first stage 1.18x, RANet CIFAR 1.08x; neutral at batch 64.
+// DYNCONV_EXT_FUSED_PREFETCH=0 turns off the fused path's software prefetches: the next output row's new input
+// rows, and (when the output is a slice of a wider buffer) its output lines for writing. A concat buffer's channel
+// slice is read and written a few channels per pixel at the buffer's full pixel stride (e.g. 16 of 64 channels: one
+// cache line in four), a pattern the hardware prefetcher serves poorly once the buffer is out of L2. Measured on the
+// 2-core AVX-512 Xeon, one process, interleaved (python python/tools/fused_prefetch_ab.py, results in
+// benchmarks/results/fused_prefetch_ab_cpu_xeon.md): input rows alone, MSDNet CIFAR whole network batch 256 1.10x,
+// RANet CIFAR 1.11x; adding the output lines, a further 1.05x (MSDNet) and 1.09x (RANet); about neutral at batch 64.
 inline bool fused_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_FUSED_PREFETCH"); }
 
 // A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
@@ -516,6 +518,13 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
               const float* pb = x + n * iv.sN + r * iv.sH + (w0 * s.SW - s.PW) * iv.sW;
               for (int64_t i = 0; i < B * s.SW; ++i)
                 for (int64_t c = 0; c < s.Cg; c += 16) __builtin_prefetch(pb + i * iv.sW + c);
+            }
+            // A channel slice of a wider buffer is written a few channels per cache line: its lines of the next
+            // row, when this thread computes it, for writing (the read-for-ownership is what the stores wait on).
+            if (ov.sW > s.Co && ho + 1 < s.Ho && nh + 1 < b1) {
+              float* ob = out + n * ov.sN + (ho + 1) * ov.sH + w0 * ov.sW;
+              for (int64_t i = 0; i < B; ++i)
+                for (int64_t c = 0; c < s.Co; c += 16) __builtin_prefetch(ob + i * ov.sW + c, 1);
             }
           }
           for (int64_t t = 0; t < taps; ++t) strided[t] = base + tap_off[t];

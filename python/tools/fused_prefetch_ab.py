@@ -1,12 +1,14 @@
-"""The fused conv path's software prefetch of the next output row's input on vs off, interleaved in one process.
+"""The fused conv path's software prefetches on vs off, interleaved in one process.
 
     python python/tools/fused_prefetch_ab.py [--reps 9] [--model-reps 5] [--no-model]
 
 conv2d_into's fused narrow-output path (forward_dense_fused) prefetches, segment by segment, the input rows that the
-next output row reads and the current one does not, unless DYNCONV_EXT_FUSED_PREFETCH=0 (read on every call, so
-both settings share one process). It matters where the input is a channel slice of a wide channels-last concat
-buffer: the slice is read a few cache lines per pixel at the buffer's full pixel stride. Prints MSDNet CIFAR's
-fine-scale layer shapes read in place from such a buffer, then whole networks and the budgeted-batch runner.
+next output row reads and the current one does not, and, when the output is a channel slice of a wider buffer, the
+next row's output lines for writing, unless DYNCONV_EXT_FUSED_PREFETCH=0 (read on every call, so both settings
+share one process). It matters where a channel slice of a wide channels-last concat buffer is read or written: a
+few cache lines per pixel at the buffer's full pixel stride. Prints MSDNet CIFAR's fine-scale layer shapes read in
+place from such a buffer (into their own outputs: the read prefetch alone), then whole networks and the
+budgeted-batch runner (both prefetches).
 """
 import argparse
 import os
@@ -76,7 +78,7 @@ def main():
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"fused-path input prefetch on vs off (interleaved, one process); {machine_description()}")
+    print(f"fused-path prefetches on vs off (interleaved, one process); {machine_description()}")
     for batch in args.batch:
         layer_table(args.reps, batch)
         if not args.no_model:
