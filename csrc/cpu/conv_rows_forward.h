@@ -641,7 +641,7 @@ struct DepthwiseRows {
     if (c0 < s.Co) block<kDwBlock>(c0, s.Co - c0, ntaps, src, wrow, dst);
   }
 
-  // kAvx512: the caller is AVX-512 code (T is float), so runs of interior pixels take pixels_interior_avx512.
+  // kAvx512: the caller is AVX-512 code (T is float), so runs of interior pixels take dw_interior_avx512.
   template <bool kAvx512>
   __attribute__((always_inline)) inline void range(int64_t rb, int64_t re) const {
     const int64_t taps = s.taps();
