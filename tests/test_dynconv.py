@@ -254,6 +254,8 @@ def test_mobilenetv2_matches_torchvision_and_masks():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-4)  # fresh gates: all on
+        for fold in (False, True):  # the dense baselines, with BN as modules and folded into the convs
+            torch.testing.assert_close(net.forward_dense(x, fold_bn=fold), ref(x), rtol=1e-4, atol=1e-4)
         masks = models.block_masks(net, x, 0.3)
         assert len(masks) == 10
         y = net(x, masks)

@@ -29,10 +29,10 @@ class PlainInvertedResidual(nn.Module):
         return folded_forward(self.conv, x) if not self.training else self.conv(x)
 
 
-def folded_forward(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def folded_forward(mods: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """An eval-mode Conv-BN[-ReLU6] stack (conv_bn_act items, or a bare Conv2d followed by its BatchNorm2d) with
     each BN folded into its conv: what inference deployments do, and what the gated blocks do."""
-    mods = list(seq)
+    mods = list(mods)
     i = 0
     while i < len(mods):
         m = mods[i]
@@ -80,7 +80,7 @@ class DynMobileNetV2(nn.Module):
                 k += 1
                 continue
             h_in, w_in = x.shape[-2:]
-            x = m(x) if self.training or isinstance(m, PlainInvertedResidual) else folded_forward(nn.Sequential(m), x)
+            x = m(x) if self.training or isinstance(m, PlainInvertedResidual) else folded_forward([m], x)
             h, w = x.shape[-2:]
             if isinstance(m, PlainInvertedResidual):
                 ungated += m.macs_per_pixel[0] * h_in * w_in + m.macs_per_pixel[1] * h * w
@@ -99,7 +99,7 @@ class DynMobileNetV2(nn.Module):
             if isinstance(m, DynInvertedResidual):
                 x = x + (folded_forward(m.conv, x) if fold_bn else m.conv(x))
             elif fold_bn:
-                x = folded_forward(m.conv if isinstance(m, PlainInvertedResidual) else nn.Sequential(m), x)
+                x = folded_forward(m.conv if isinstance(m, PlainInvertedResidual) else [m], x)
             else:
                 x = m.conv(x) if isinstance(m, PlainInvertedResidual) else m(x)
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
