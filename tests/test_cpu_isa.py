@@ -35,9 +35,10 @@ SHAPES = [
 # Depthwise-style groups (one input channel per group) take their own kernel: 4-pixel AVX-512 runs along interior
 # rows, one pixel at a time at borders and between inactive pixels. (C, C_out, k, stride, padding, dilation, H):
 # one 16-lane block, 2.5 blocks with dilation, an odd count with stride 2, a channel multiplier of 2 (generic loop),
-# and a single-channel plain conv (routed to the GEMM).
+# a single-channel plain conv (routed to the GEMM), and 20-pixel rows (runs of several 4-pixel groups).
 DEPTHWISE = [
     (16, 16, 3, 1, 1, 1, 10),
+    (24, 24, 3, 1, 1, 1, 20),
     (40, 40, 3, 1, 2, 2, 11),
     (13, 13, 3, 2, 1, 1, 13),
     (8, 16, 3, 1, 1, 1, 9),

@@ -579,12 +579,12 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
 // vectorized over the channels of the channels-last input. `rows` as for forward_gemm.
 // A pixel's channels go in blocks of kDwBlock accumulators (a compile-time width, so they stay in registers); each
 // valid tap adds x[tap][c / Cog] * w[tap][c]. The row loop is compiled three times (generic, AVX2, AVX-512 for
-// float) so the channel loops vectorize to the machine's registers; with AVX2 and AVX-512, runs of 4 interior pixels
-// of a row share one pass over the taps (dw_interior_avx2 / _avx512: 4 independent accumulator chains). Taps come from a TapTable
-// (interior pixels skip the bounds checks) and consecutive pixels step their coordinates instead of dividing.
-// Measured on the 2-core AVX-512 Xeon (16 channels 3x3, 32x32, batch 256, 2 threads): 7.7 ms with the former
-// one-pixel loop (accumulators in memory, per-tap bounds checks and divisions), 2.3 ms on the AVX2 path, 1.8 ms
-// on the AVX-512 one; oneDNN's F.conv2d 1.0 ms.
+// float) so the channel loops vectorize to the machine's registers. With AVX2 and AVX-512 a row's run of interior
+// pixels goes to dw_interior_avx2 / _avx512 in one call, 4 pixels sharing each pass over the taps (4 independent
+// accumulator chains). Taps come from a TapTable (interior pixels skip the bounds checks) and consecutive pixels
+// step their coordinates instead of dividing. Measured on the 2-core AVX-512 Xeon (16 channels 3x3, 32x32, batch
+// 256, 2 threads): 7.7 ms with the former one-pixel loop (accumulators in memory, per-tap bounds checks and
+// divisions), 2.1 ms on the AVX2 path, 1.7 ms on the AVX-512 one; oneDNN's F.conv2d 1.0-1.25 ms.
 constexpr int64_t kDwBlock = 16;
 constexpr int64_t kDwPixels = 4;
 
@@ -592,9 +592,11 @@ template <typename T>
 struct DepthwiseRows;
 #if defined(__x86_64__) || defined(_M_X64)
 __attribute__((target("avx512f"))) inline void dw_interior_avx512(const DepthwiseRows<float>& k,
-                                                                 const float* const* src, int64_t step, float* dst);
+                                                                 const float* const* src, int64_t step, float* dst,
+                                                                 int64_t groups);
 __attribute__((target("avx2,fma"))) inline void dw_interior_avx2(const DepthwiseRows<float>& k,
-                                                                const float* const* src, int64_t step, float* dst);
+                                                                const float* const* src, int64_t step, float* dst,
+                                                                int64_t groups);
 #endif
 
 template <typename T>
@@ -651,6 +653,9 @@ struct DepthwiseRows {
     std::vector<const T*> src(static_cast<size_t>(taps)), wrow(static_cast<size_t>(taps)),
         wall(static_cast<size_t>(taps));
     for (int64_t t = 0; t < taps; ++t) wall[t] = wt + t * s.Co;
+    // Output columns whose windows end inside the input on the right: wo < wo_in_end.
+    const int64_t right = s.W - 1 - tt.span_w + s.PW;
+    const int64_t wo_in_end = right < 0 ? 0 : std::min(s.Wo, right / s.SW + 1);
     PixelCoord pc{0, 0, 0};
     int64_t prev = -2;
     for (int64_t r = rb; r < re;) {
@@ -670,20 +675,28 @@ struct DepthwiseRows {
       const T* corner = x + pc.n * iv.sN + hi0 * iv.sH + wi0 * iv.sW;
       T* dst = out + pc.n * ov.sN + pc.ho * ov.sH + pc.wo * ov.sW;
 #if defined(__x86_64__) || defined(_M_X64)
-      // kDwPixels consecutive pixels of this row, all with their windows inside the input
+      // Runs of consecutive pixels of this row whose windows lie inside the input, kDwPixels at a time.
       if constexpr (kIsa != 0 && std::is_same_v<T, float>) {
-        const int64_t last = kDwPixels - 1;
-        if (s.Cog == 1 && r + last < re && pc.wo + last < s.Wo && (!rows || rows[r + last] == p + last) &&
-            tt.inside(s, hi0, wi0) && tt.inside(s, hi0, wi0 + last * s.SW)) {
-          for (int64_t t = 0; t < taps; ++t) src[t] = corner + tt.off[t];
-          if constexpr (kIsa == 512)
-            dw_interior_avx512(*this, src.data(), s.SW * iv.sW, dst);
-          else
-            dw_interior_avx2(*this, src.data(), s.SW * iv.sW, dst);
-          pc.wo += last;
-          prev = p + last;
-          r += kDwPixels;
-          continue;
+        if (s.Cog == 1 && pc.wo + kDwPixels <= wo_in_end && tt.inside(s, hi0, wi0)) {
+          int64_t len = std::min(re - r, wo_in_end - pc.wo);
+          if (rows) {
+            int64_t j = 1;
+            while (j < len && rows[r + j] == p + j) ++j;
+            len = j;
+          }
+          const int64_t groups = len / kDwPixels;
+          if (groups > 0) {
+            for (int64_t t = 0; t < taps; ++t) src[t] = corner + tt.off[t];
+            if constexpr (kIsa == 512)
+              dw_interior_avx512(*this, src.data(), s.SW * iv.sW, dst, groups);
+            else
+              dw_interior_avx2(*this, src.data(), s.SW * iv.sW, dst, groups);
+            const int64_t adv = groups * kDwPixels;
+            pc.wo += adv - 1;
+            prev = p + adv - 1;
+            r += adv;
+            continue;
+          }
         }
       }
 #endif
@@ -712,7 +725,8 @@ struct DepthwiseRows {
 // (callers inline it only into AVX-512 code): independent accumulators hide the FMA latency that a single
 // pixel's chain of taps waits on. Channels in 16-lane blocks, the last one masked.
 __attribute__((target("avx512f"))) inline void dw_interior_avx512(const DepthwiseRows<float>& k,
-                                                                 const float* const* src, int64_t step, float* dst) {
+                                                                 const float* const* src, int64_t step, float* dst,
+                                                                 int64_t groups) {
   const ConvShape& s = k.s;
   const OutView& ov = k.ov;
   const float *wt = k.wt, *bias = k.bias;
@@ -721,35 +735,38 @@ __attribute__((target("avx512f"))) inline void dw_interior_avx512(const Depthwis
   static_assert(kDwPixels == 4, "four accumulators below");
   const int64_t taps = s.taps();
   const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
-  for (int64_t c0 = 0; c0 < s.Co; c0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, s.Co - c0);
-    const __mmask16 m = static_cast<__mmask16>(nb == 16 ? 0xFFFF : (1u << nb) - 1);
-    __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m512 w = _mm512_maskz_loadu_ps(m, wt + t * s.Co + c0);
-      const float* xp = src[t] + c0;
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp), w, a0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + step), w, a1);
-      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 2 * step), w, a2);
-      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 3 * step), w, a3);
-    }
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : zero;
-    const __m512 acc[kDwPixels] = {a0, a1, a2, a3};
-    for (int64_t j = 0; j < kDwPixels; ++j) {
-      float* d = dst + j * ov.sW + c0 * ov.sC;
-      if (ov.sC == 1) {
-        __m512 v = _mm512_add_ps(acc[j], bv);
-        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, d));
-        // max/min return their second operand when either is NaN: v second keeps a NaN, as apply_act does
-        if (act != 0) v = _mm512_max_ps(zero, v);
-        if (act == 2) v = _mm512_min_ps(six, v);
-        _mm512_mask_storeu_ps(d, m, v);
-      } else {
-        alignas(64) float tmp[16];
-        _mm512_store_ps(tmp, acc[j]);
-        for (int64_t c = 0; c < nb; ++c) {
-          float& o = d[c * ov.sC];
-          o = apply_act(tmp[c] + (bias ? bias[c0 + c] : 0.0f) + (add ? o : 0.0f), act);
+  for (int64_t gi = 0; gi < groups; ++gi, dst += kDwPixels * ov.sW) {
+    const int64_t goff = gi * kDwPixels * step;
+    for (int64_t c0 = 0; c0 < s.Co; c0 += 16) {
+      const int64_t nb = std::min<int64_t>(16, s.Co - c0);
+      const __mmask16 m = static_cast<__mmask16>(nb == 16 ? 0xFFFF : (1u << nb) - 1);
+      __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m512 w = _mm512_maskz_loadu_ps(m, wt + t * s.Co + c0);
+        const float* xp = src[t] + goff + c0;
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp), w, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + step), w, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 2 * step), w, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp + 3 * step), w, a3);
+      }
+      const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : zero;
+      const __m512 acc[kDwPixels] = {a0, a1, a2, a3};
+      for (int64_t j = 0; j < kDwPixels; ++j) {
+        float* d = dst + j * ov.sW + c0 * ov.sC;
+        if (ov.sC == 1) {
+          __m512 v = _mm512_add_ps(acc[j], bv);
+          if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, d));
+          // max/min return their second operand when either is NaN: v second keeps a NaN, as apply_act does
+          if (act != 0) v = _mm512_max_ps(zero, v);
+          if (act == 2) v = _mm512_min_ps(six, v);
+          _mm512_mask_storeu_ps(d, m, v);
+        } else {
+          alignas(64) float tmp[16];
+          _mm512_store_ps(tmp, acc[j]);
+          for (int64_t c = 0; c < nb; ++c) {
+            float& o = d[c * ov.sC];
+            o = apply_act(tmp[c] + (bias ? bias[c0 + c] : 0.0f) + (add ? o : 0.0f), act);
+          }
         }
       }
     }
@@ -757,7 +774,8 @@ __attribute__((target("avx512f"))) inline void dw_interior_avx512(const Depthwis
 }
 // The same for AVX2: 8-lane channel blocks, the last one masked.
 __attribute__((target("avx2,fma"))) inline void dw_interior_avx2(const DepthwiseRows<float>& k,
-                                                                const float* const* src, int64_t step, float* dst) {
+                                                                const float* const* src, int64_t step, float* dst,
+                                                                int64_t groups) {
   const ConvShape& s = k.s;
   const OutView& ov = k.ov;
   const float *wt = k.wt, *bias = k.bias;
@@ -766,34 +784,37 @@ __attribute__((target("avx2,fma"))) inline void dw_interior_avx2(const Depthwise
   const int64_t taps = s.taps();
   const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t c0 = 0; c0 < s.Co; c0 += 8) {
-    const int64_t nb = std::min<int64_t>(8, s.Co - c0);
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb)), lane);
-    __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m256 w = _mm256_maskload_ps(wt + t * s.Co + c0, m);
-      const float* xp = src[t] + c0;
-      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(xp, m), w, a0);
-      a1 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + step, m), w, a1);
-      a2 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + 2 * step, m), w, a2);
-      a3 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + 3 * step, m), w, a3);
-    }
-    const __m256 bv = bias ? _mm256_maskload_ps(bias + c0, m) : zero;
-    const __m256 acc[kDwPixels] = {a0, a1, a2, a3};
-    for (int64_t j = 0; j < kDwPixels; ++j) {
-      float* d = dst + j * ov.sW + c0 * ov.sC;
-      if (ov.sC == 1) {
-        __m256 v = _mm256_add_ps(acc[j], bv);
-        if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(d, m));
-        if (act != 0) v = _mm256_max_ps(zero, v);  // v second keeps a NaN, as apply_act does
-        if (act == 2) v = _mm256_min_ps(six, v);
-        _mm256_maskstore_ps(d, m, v);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, acc[j]);
-        for (int64_t c = 0; c < nb; ++c) {
-          float& o = d[c * ov.sC];
-          o = apply_act(tmp[c] + (bias ? bias[c0 + c] : 0.0f) + (add ? o : 0.0f), act);
+  for (int64_t gi = 0; gi < groups; ++gi, dst += kDwPixels * ov.sW) {
+    const int64_t goff = gi * kDwPixels * step;
+    for (int64_t c0 = 0; c0 < s.Co; c0 += 8) {
+      const int64_t nb = std::min<int64_t>(8, s.Co - c0);
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb)), lane);
+      __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m256 w = _mm256_maskload_ps(wt + t * s.Co + c0, m);
+        const float* xp = src[t] + goff + c0;
+        a0 = _mm256_fmadd_ps(_mm256_maskload_ps(xp, m), w, a0);
+        a1 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + step, m), w, a1);
+        a2 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + 2 * step, m), w, a2);
+        a3 = _mm256_fmadd_ps(_mm256_maskload_ps(xp + 3 * step, m), w, a3);
+      }
+      const __m256 bv = bias ? _mm256_maskload_ps(bias + c0, m) : zero;
+      const __m256 acc[kDwPixels] = {a0, a1, a2, a3};
+      for (int64_t j = 0; j < kDwPixels; ++j) {
+        float* d = dst + j * ov.sW + c0 * ov.sC;
+        if (ov.sC == 1) {
+          __m256 v = _mm256_add_ps(acc[j], bv);
+          if (add) v = _mm256_add_ps(v, _mm256_maskload_ps(d, m));
+          if (act != 0) v = _mm256_max_ps(zero, v);  // v second keeps a NaN, as apply_act does
+          if (act == 2) v = _mm256_min_ps(six, v);
+          _mm256_maskstore_ps(d, m, v);
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, acc[j]);
+          for (int64_t c = 0; c < nb; ++c) {
+            float& o = d[c * ov.sC];
+            o = apply_act(tmp[c] + (bias ? bias[c0 + c] : 0.0f) + (add ? o : 0.0f), act);
+          }
         }
       }
     }
