@@ -5,10 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "../into_checks.h"
+#include "conv_rows_forward.h"  // fused_prefetch_enabled
 
 namespace dynconv::cpu {
 namespace {
@@ -52,8 +52,7 @@ void resize_into_cpu_(const at::Tensor& input, const at::Tensor& out, int64_t ch
     // into 68-105-channel buffers): prefetch the next row's output lines for writing, as conv2d_into's fused path
     // does (the same switch, DYNCONV_EXT_FUSED_PREFETCH=0, turns both off). RANet CIFAR batch 256 on the 2-core
     // AVX-512 Xeon, interleaved A/B of this prefetch alone: 1.03-1.04x on the whole network.
-    const char* pf_env = std::getenv("DYNCONV_EXT_FUSED_PREFETCH");
-    const bool prefetch = !(pf_env && pf_env[0] == '0') && yC == 1 && yW > C;
+    const bool prefetch = fused_prefetch_enabled() && yC == 1 && yW > C;
     at::parallel_for(0, N * Ho, 1, [&](int64_t b, int64_t e) {
       for (int64_t nh = b; nh < e; ++nh) {
         const int64_t n = nh / Ho, ho = nh % Ho;

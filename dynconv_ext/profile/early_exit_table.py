@@ -8,7 +8,7 @@ from torch import nn
 from .. import models
 from ..inference import EarlyExitRunner, exit_prior, thresholds_from_confidences, confidences
 from .macs import LayerMacs
-from .timing import interleaved_medians
+from .timing import interleaved_medians, with_env_switch
 
 EARLY_EXIT_MODELS = {
     "msdnet_cifar": models.msdnet_cifar,
@@ -88,6 +88,23 @@ def measure_budgeted(name: str, priors=(0.5, 0.8, 1.0, 1.2), batch: int = 256, r
                      "full_ms": t["full"], "gain": t["full"] / t["runner"], "mac_ratio": full_macs / avg,
                      "efficiency": (t["full"] / t["runner"]) / (full_macs / avg)})
     return rows
+
+
+def measure_switch_ab(name: str, var: str, batch: int = 256, reps: int = 5, priors=(0.5, 1.0)) -> Dict[str, float]:
+    """Median ms of the whole network (keys "full_on", "full_off") and of the budgeted-batch runner at each prior
+    ("p{p}_on", "p{p}_off", thresholds calibrated on a separate batch) with the CPU kernel switch `var` set to 1 and
+    0, all interleaved in one process (python/tools/*_ab.py)."""
+    net = build(name)
+    calib, x = _cifar_input(batch, seed=1), _cifar_input(batch, seed=2)
+    with torch.inference_mode():
+        conf = confidences(net(calib))
+    fns = {"full_on": with_env_switch(lambda: net(x), var, True),
+           "full_off": with_env_switch(lambda: net(x), var, False)}
+    for p in priors:
+        runner = EarlyExitRunner(net, thresholds_from_confidences(conf, exit_prior(p, net.num_exits)))
+        fns[f"p{p}_on"] = with_env_switch(lambda r=runner: r(x), var, True)
+        fns[f"p{p}_off"] = with_env_switch(lambda r=runner: r(x), var, False)
+    return interleaved_medians(fns, reps=reps, warmup=1)
 
 
 def vgg16_cifar(num_classes: int = 100) -> nn.Module:

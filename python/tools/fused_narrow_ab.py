@@ -13,8 +13,6 @@ import os
 
 import torch
 
-from dynconv_ext.inference import EarlyExitRunner
-from dynconv_ext.inference.calibration import confidences, exit_prior, thresholds_from_confidences
 from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.profile import early_exit_table as eet
 from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
@@ -50,16 +48,7 @@ def layer_table(reps: int, batch: int):
 
 
 def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
-    net = eet.build("msdnet_cifar")
-    calib, x = eet._cifar_input(batch, seed=1), eet._cifar_input(batch, seed=2)
-    with torch.inference_mode():
-        conf = confidences(net(calib))
-    fns = {"full_on": with_setting(lambda: net(x), True), "full_off": with_setting(lambda: net(x), False)}
-    for p in priors:
-        runner = EarlyExitRunner(net, thresholds_from_confidences(conf, exit_prior(p, net.num_exits)))
-        fns[f"p{p}_on"] = with_setting(lambda r=runner: r(x), True)
-        fns[f"p{p}_off"] = with_setting(lambda r=runner: r(x), False)
-    t = interleaved_medians(fns, reps=reps, warmup=1)
+    t = eet.measure_switch_ab("msdnet_cifar", VAR, batch, reps, priors)
     print(f"\nmsdnet_cifar, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
     print("| run | fused: ms | not fused: ms | speedup |\n|---|---|---|---|")
     print(f"| all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |")

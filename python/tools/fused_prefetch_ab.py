@@ -15,8 +15,6 @@ import os
 
 import torch
 
-from dynconv_ext.inference import EarlyExitRunner
-from dynconv_ext.inference.calibration import confidences, exit_prior, thresholds_from_confidences
 from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.profile import early_exit_table as eet
 from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
@@ -51,17 +49,7 @@ def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
     print(f"\nbatch {batch}: all exits and the budgeted-batch runner (gain = all exits / budgeted, same setting)")
     print("| model | run | prefetch: ms | no prefetch: ms | speedup |\n|---|---|---|---|---|")
     for name in ("msdnet_cifar", "ranet_cifar"):
-        net = eet.build(name)
-        calib, x = eet._cifar_input(batch, seed=1), eet._cifar_input(batch, seed=2)
-        with torch.inference_mode():
-            conf = confidences(net(calib))
-        fns = {"full_on": with_env_switch(lambda: net(x), VAR, True),
-               "full_off": with_env_switch(lambda: net(x), VAR, False)}
-        for p in priors:
-            runner = EarlyExitRunner(net, thresholds_from_confidences(conf, exit_prior(p, net.num_exits)))
-            fns[f"p{p}_on"] = with_env_switch(lambda r=runner: r(x), VAR, True)
-            fns[f"p{p}_off"] = with_env_switch(lambda r=runner: r(x), VAR, False)
-        t = interleaved_medians(fns, reps=reps, warmup=1)
+        t = eet.measure_switch_ab(name, VAR, batch, reps, priors)
         print(f"| {name} | all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |")
         for p in priors:
             on, off = t[f"p{p}_on"], t[f"p{p}_off"]
