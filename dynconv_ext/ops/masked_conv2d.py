@@ -58,8 +58,9 @@ IntOr2 = Union[int, Tuple[int, int]]
 _CPU_CROSSOVER_KXK = 0.9
 # Depthwise convs (one input channel per group) do ~9 MACs per loaded value: memory-bound like 1x1s. On the 2-core
 # AVX-512 Xeon (MobileNetV2's depthwise layers 144ch 56x56 ... 960ch 7x7, batch 8, random pixel masks, ReLU6;
-# dense = oneDNN conv + clamp) the sparse kernel was 1.42-1.87x at density 0.25, 1.03-1.17x at 0.5 and
-# 0.92-1.01x at 0.75.
+# dense = oneDNN conv + clamp; python/tools/depthwise_bench.py, benchmarks/results/depthwise_cpu_xeon.md) the
+# sparse kernel was 1.55-1.97x at density 0.25, 1.06-1.35x at 0.5 and 0.96-1.15x at 0.75 (losing on the large
+# layers, which carry most of the time).
 _CPU_CROSSOVER_DEPTHWISE = 0.65
 _CPU_CROSSOVER_1X1 = {"narrow": 0.6, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
