@@ -167,7 +167,7 @@ def test_fused_matches_cat_imagenet_first_layer():
 
 def test_fused_path_uses_no_cat_and_fills_channels_last_buffers(budgeted, monkeypatch):
     calls = []
-    real = msdnet_module.conv2d_into
+    real = msdnet_module.conv2d_into_unchecked
 
     def counting(*args, **kwargs):
         calls.append(args[4])
@@ -176,7 +176,7 @@ def test_fused_path_uses_no_cat_and_fills_channels_last_buffers(budgeted, monkey
     def no_cat(*args, **kwargs):
         raise AssertionError("torch.cat on the fused path")
 
-    monkeypatch.setattr(msdnet_module, "conv2d_into", counting)
+    monkeypatch.setattr(msdnet_module, "conv2d_into_unchecked", counting)
     monkeypatch.setattr(torch, "cat", no_cat)
     with torch.no_grad():
         state = budgeted.begin(torch.randn(2, 3, 32, 32))

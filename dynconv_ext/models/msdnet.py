@@ -80,7 +80,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.blocks import fold_bn
-from ..ops.conv2d_into import conv2d_into
+from ..ops.masked_conv2d import ACTIVATIONS
+from ..ops.conv2d_into import conv2d_into_unchecked
 from .early_exit import EarlyExitNet, tensor_stamp
 
 __all__ = ["MSDNet", "msdnet_cifar", "msdnet_cifar_budgeted", "msdnet_imagenet"]
@@ -504,7 +505,11 @@ def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
 def _conv_into(x, w, b, out, off, stride, pad):
     if x.shape[0] == 0:  # nothing to compute for an empty batch
         return out
-    return conv2d_into(x, w, b, out, off, stride, pad, activation="relu")
+    # (the arguments are the model's own: no Python-side validation, ~170 conv calls a forward)
+    return conv2d_into_unchecked(x, w, b, out, off, [stride, stride], [pad, pad], [1, 1], 1, _RELU)
+
+
+_RELU = ACTIVATIONS["relu"]
 
 
 def msdnet_cifar(num_classes: int = 100, *, nBlocks: int = 10, fused: bool = True) -> MSDNet:

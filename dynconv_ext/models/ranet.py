@@ -65,6 +65,7 @@ Two paths share the parameters:
   applied explicitly to the prefix view. No ``torch.cat`` on this path.
 """
 import math
+from itertools import chain
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -72,7 +73,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.blocks import bn_scale_shift, fold_bn
-from ..ops import conv2d_into, resize_into
+from ..ops.conv2d_into import conv2d_into_unchecked
+from ..ops.masked_conv2d import ACTIVATIONS
+from ..ops.resize_into import resize_into_unchecked
 from .early_exit import EarlyExitNet, index_state, tensor_stamp
 
 __all__ = ["RANet", "ranet_cifar", "ranet_imagenet"]
@@ -369,6 +372,18 @@ class RANet(EarlyExitNet):
 
     def clear_fold_cache(self) -> None:
         self._fold_cache = {}
+        self._fold_sig = None
+
+    def _check_fold_cache(self) -> None:
+        """Once a forward (``begin``): drops the folded weights if any parameter or buffer was changed in place
+        (version counter) or replaced (data pointer) since they were folded, or if they were folded under
+        inference_mode (inference tensors) and this forward is not. ``_folded`` then serves the cache as it is."""
+        sig = tuple(tensor_stamp(t) for t in chain(self.parameters(), self.buffers())) + (
+            torch.is_inference_mode_enabled(),)
+        old = getattr(self, "_fold_sig", None)
+        if old is None or (old != sig and (old[:-1] != sig[:-1] or old[-1])):
+            self._fold_cache = {}
+        self._fold_sig = sig
 
     def train(self, mode: bool = True):
         self.clear_fold_cache()
@@ -382,36 +397,29 @@ class RANet(EarlyExitNet):
         self.clear_fold_cache()
         return super()._apply(fn, *args, **kwargs)
 
-    @staticmethod
-    def _stamp(*tensors):
-        return tuple(tensor_stamp(t) for t in tensors if t is not None)
-
     def _folded(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
-        """(weight, bias) of conv followed by bn in eval, detached and cached."""
-        ts = (conv.weight, conv.bias) if bn is None else \
-            (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        stamp = self._stamp(*ts)
+        """(weight, bias) of conv followed by bn in eval, detached and cached (the cache is validated once a
+        forward, by ``begin``: ``_check_fold_cache``)."""
         hit = self._fold_cache.get(conv)
-        if hit is None or hit[0] != stamp:
+        if hit is None:
             with torch.no_grad():
                 if bn is None:
                     w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
                 else:
                     w, b = fold_bn(conv, bn)
-                hit = (stamp, w.contiguous(), b.contiguous() if b is not None else None)
+                hit = (w.contiguous(), b.contiguous() if b is not None else None)
             self._fold_cache[conv] = hit
-        return hit[1], hit[2]
+        return hit
 
     def _bn_affine(self, bn: nn.BatchNorm2d):
         """(scale, shift) [1, C, 1, 1] of a BN in eval (a BN that precedes a ReLU and cannot be folded)."""
-        stamp = self._stamp(bn.weight, bn.bias, bn.running_mean, bn.running_var)
         hit = self._fold_cache.get(bn)
-        if hit is None or hit[0] != stamp:
+        if hit is None:
             with torch.no_grad():
                 scale, shift = bn_scale_shift(bn)
-                hit = (stamp, scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
+                hit = (scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1))
             self._fold_cache[bn] = hit
-        return hit[1], hit[2]
+        return hit
 
     # ------------------------------------------------------------------------------------------------------------
     # fused primitives: write into channel slices of channels-last buffers
@@ -430,8 +438,9 @@ class RANet(EarlyExitNet):
         if out.shape[0] == 0:
             return out
         w, b = self._folded(conv, bn)
-        return conv2d_into(inp, w, b, out, off, conv.stride, conv.padding, conv.dilation, conv.groups,
-                           activation=act, backend=self.op_backend)
+        # (the arguments are the model's own: no Python-side validation, ~290 conv calls a forward)
+        return conv2d_into_unchecked(inp, w, b, out, off, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                     conv.groups, ACTIVATIONS[act], backend=self.op_backend)
 
     def _conv_new(self, conv, bn, inp, act="relu"):
         out = self._empty(inp, conv.out_channels, self._conv_hw(conv, inp.shape[-2:]))
@@ -458,7 +467,7 @@ class RANet(EarlyExitNet):
         tmp = self._empty(out, c_new, hw_new)
         write(tmp, 0)
         if out.shape[0]:
-            resize_into(tmp, out, off, backend=self.op_backend)
+            resize_into_unchecked(tmp, out, off, self.op_backend)
         return out
 
     # state: {"fused", "bufs": {id: buffer}, "next": int, "flows": [{"x", "done", "low"}]}; with fused=True a
@@ -490,6 +499,7 @@ class RANet(EarlyExitNet):
             for f, feat in enumerate(self.FirstLayer(x)):
                 state["flows"][f]["x"] = feat
             return state
+        self._check_fold_cache()
         x = x.contiguous(memory_format=CL)
         layers = self.FirstLayer.layers
         prev = None
@@ -588,7 +598,7 @@ class RANet(EarlyExitNet):
                     hw = self._conv_hw(layer.conv_normal.net[3 if layer.conv_normal.bn_after else 5], cur.shape[-2:])
                     bid, buf = self._new_buf(state, cur, blk.cap_down, hw)
                     if buf.shape[0]:
-                        resize_into(cur, buf, 0, backend=self.op_backend)
+                        resize_into_unchecked(cur, buf, 0, self.op_backend)
                 lo = self._view(state, low[j])
                 self._resized_into(lambda t, o: self._convbn_into(layer.conv_up, lo, t, o), layer.n_up,
                                    lo.shape[-2:], buf, c)

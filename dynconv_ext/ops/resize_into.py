@@ -105,6 +105,16 @@ def resize_into(input: torch.Tensor, out: torch.Tensor, channel_offset: int, *, 
     return _resize_into_raw(input, out, channel_offset, backend)
 
 
+def resize_into_unchecked(input, out, channel_offset: int, backend: str = "auto") -> torch.Tensor:
+    """:func:`resize_into` without the Python-side validation, for the models' fused inference paths (see
+    :func:`dynconv_ext.ops.conv2d_into.conv2d_into_unchecked`); the C++ kernel still checks its arguments."""
+    if (input.device.type == "cpu" and (backend == "auto" or backend == "cpp") and _extension.load_error() is None
+            and not (torch.is_grad_enabled() and (input.requires_grad or out.requires_grad))):
+        torch.ops.dynconv.resize_into_(input, out, channel_offset)
+        return out
+    return resize_into(input, out, channel_offset, backend=backend)
+
+
 if _extension.load_error() is None:
     @torch.library.register_fake("dynconv::resize_into_")
     def _resize_into_fake(input, out, channel_offset):
