@@ -21,6 +21,7 @@
 #include "../conv_shape.h"
 #include "active_rows.h"
 #include "tile_gemm.h"
+#include "packed_weights.h"
 
 namespace dynconv::cpu {
 
@@ -231,7 +232,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
                   const bool* zero_mask) {
   const bool relu = act != 0;
   constexpr int64_t MR = Blk::MR, NR = Blk::NR;
-  const at::Tensor wpack_t = pack_weight_panels<T>(s, weight, NR);
+  const at::Tensor wpack_t = cached_packing(weight, NR, s.G, /*kind=*/0, [&] { return pack_weight_panels<T>(s, weight, NR); });
   const T* wpack = wpack_t.data_ptr<T>();
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, NR), taps = s.taps(), ldc = panels * NR;
   const int64_t macro_rows = kBlocksPerMacro * MR, nmacro = ceil_div(M, macro_rows);
@@ -437,7 +438,7 @@ template <typename Blk>
 void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, const at::Tensor& weight,
                          const float* bias, float* out, const OutView& ov, bool add, int act) {
   constexpr int64_t B = Blk::MR, NR = Blk::NR;
-  const at::Tensor wpack_t = pack_weight_panels<float>(s, weight, NR);
+  const at::Tensor wpack_t = cached_packing(weight, NR, s.G, /*kind=*/0, [&] { return pack_weight_panels<float>(s, weight, NR); });
   const float* wpack = wpack_t.data_ptr<float>();
   const int64_t K = s.k_per_group(), taps = s.taps(), panels = ceil_div(s.Cog, NR);
   const TapTable<float> tt(s, iv);

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 
 from ..nn.blocks import fold_bn
 from ..ops.masked_conv2d import ACTIVATIONS
-from ..ops.conv2d_into import conv2d_into_unchecked
+from ..ops.conv2d_into import conv2d_into_unchecked, mark_constant_weight
 from .early_exit import EarlyExitNet, tensor_stamp
 
 __all__ = ["MSDNet", "msdnet_cifar", "msdnet_cifar_budgeted", "msdnet_imagenet"]
@@ -371,10 +371,13 @@ class MSDNet(EarlyExitNet):
         sig = tuple(tensor_stamp(t) for t in tensors) + (torch.is_inference_mode_enabled(),)
         if cache is None or (cache[1] != sig and (cache[1][:-1] != sig[:-1] or cache[1][-1])):
             folded = {}
-            for m in self.modules():
-                if isinstance(m, ConvBNReLU):
-                    w, b = fold_bn(m.conv, m.bn)
-                    folded[m] = (w.contiguous(), b.contiguous())
+            # outside inference_mode, so the folded weights are normal tensors with a version counter, which the
+            # kernels' packed-weight cache needs (they are then marked constant: nothing modifies them)
+            with torch.inference_mode(False), torch.no_grad():  # (in this order: the first re-enables grad)
+                for m in self.modules():
+                    if isinstance(m, ConvBNReLU):
+                        w, b = fold_bn(m.conv, m.bn)
+                        folded[m] = (mark_constant_weight(w.contiguous()), b.contiguous())
             cache = self._fold_cache = (tensors, sig, folded)
         return cache[2]
 

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.blocks import bn_scale_shift, fold_bn
-from ..ops.conv2d_into import conv2d_into_unchecked
+from ..ops.conv2d_into import conv2d_into_unchecked, mark_constant_weight
 from ..ops.masked_conv2d import ACTIVATIONS
 from ..ops.resize_into import resize_into_unchecked
 from .early_exit import EarlyExitNet, index_state, tensor_stamp
@@ -373,13 +373,17 @@ class RANet(EarlyExitNet):
     def clear_fold_cache(self) -> None:
         self._fold_cache = {}
         self._fold_sig = None
+        self._fold_modules = None
 
     def _check_fold_cache(self) -> None:
         """Once a forward (``begin``): drops the folded weights if any parameter or buffer was changed in place
         (version counter) or replaced (data pointer) since they were folded, or if they were folded under
         inference_mode (inference tensors) and this forward is not. ``_folded`` then serves the cache as it is."""
-        sig = tuple(tensor_stamp(t) for t in chain(self.parameters(), self.buffers())) + (
-            torch.is_inference_mode_enabled(),)
+        mods = getattr(self, "_fold_modules", None)
+        if mods is None:  # walking the module tree costs ~1 ms at RANet's size: once per cache
+            mods = self._fold_modules = list(self.modules())
+        sig = tuple(tensor_stamp(t) for m in mods for t in chain(m._parameters.values(), m._buffers.values())
+                    if t is not None) + (torch.is_inference_mode_enabled(),)
         old = getattr(self, "_fold_sig", None)
         if old is None or (old != sig and (old[:-1] != sig[:-1] or old[-1])):
             self._fold_cache = {}
@@ -402,11 +406,15 @@ class RANet(EarlyExitNet):
         forward, by ``begin``: ``_check_fold_cache``)."""
         hit = self._fold_cache.get(conv)
         if hit is None:
-            with torch.no_grad():
+            # outside inference_mode: normal tensors with a version counter, which the kernels' packed-weight
+            # cache needs; a folded weight is a fresh tensor nothing modifies, so it is marked constant (a
+            # BN-less conv's weight is the parameter itself, and stays unmarked)
+            with torch.inference_mode(False), torch.no_grad():  # (in this order: the first re-enables grad)
                 if bn is None:
                     w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
                 else:
                     w, b = fold_bn(conv, bn)
+                    w = mark_constant_weight(w.contiguous())
                 hit = (w.contiguous(), b.contiguous() if b is not None else None)
             self._fold_cache[conv] = hit
         return hit

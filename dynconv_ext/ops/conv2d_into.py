@@ -216,6 +216,16 @@ def conv2d_into(
     return _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend)
 
 
+def mark_constant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Declares ``weight`` constant while it lives (its owner never modifies it, e.g. a model's BN-folded inference
+    weights): the CPU kernels then keep its packed layout across calls instead of repacking it on every call
+    (csrc/cpu/packed_weights.h; a change seen by its version counter still repacks). Returns ``weight``. Inference
+    tensors are left unmarked (no version counter); so is everything when the extension is not loaded."""
+    if weight.device.type == "cpu" and _extension.load_error() is None and not weight.is_inference():
+        torch.ops.dynconv.mark_constant_weight(weight)
+    return weight
+
+
 def conv2d_into_unchecked(input, weight, bias, out, channel_offset: int, stride, padding, dilation, groups: int,
                           activation: int, backend: str = "auto") -> torch.Tensor:
     """:func:`conv2d_into` for callers that built every argument themselves (the models' fused inference paths,
