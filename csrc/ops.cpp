@@ -7,7 +7,9 @@
 #include <torch/version.h>
 
 #include <string>
+#include <vector>
 
+#include "cpu/packed_weights.h"
 #include "cpu/tile_gemm.h"
 
 // Importing dynconv_ext._C from Python runs the static TORCH_LIBRARY registrations below.
@@ -28,6 +30,13 @@ std::string build_info() {
   s += ";cuda=0";
 #endif
   return s;
+}
+
+void mark_constant_weight(const at::Tensor& weight) { cpu::mark_constant_weight(weight); }
+
+std::vector<int64_t> packed_cache_stats() {
+  const auto [n, bytes] = cpu::packed_cache_stats();
+  return {n, bytes};
 }
 
 TORCH_LIBRARY(dynconv, m) {
@@ -65,6 +74,11 @@ TORCH_LIBRARY(dynconv, m) {
   // out[:, channel_offset : channel_offset + C] in place (a copy when the sizes agree).
   m.def("resize_into_(Tensor input, Tensor(a!) out, int channel_offset) -> ()");
   m.def("build_info() -> str", &build_info);
+  // Declares a weight constant while it lives: the CPU kernels may keep its packed layout across calls
+  // (csrc/cpu/packed_weights.h). For tensors the caller owns and never modifies (folded inference weights).
+  m.def("mark_constant_weight(Tensor weight) -> ()", &mark_constant_weight);
+  // (packings kept, bytes held) of that cache, for tests.
+  m.def("packed_cache_stats() -> int[]", &packed_cache_stats);
 }
 
 }  // namespace dynconv

@@ -3,8 +3,6 @@
 // another tensor, and an expired entry (the weight was freed) is dropped at the next insertion.
 #include "packed_weights.h"
 
-#include <torch/library.h>
-
 #include <cstdlib>
 #include <mutex>
 #include <tuple>
@@ -105,21 +103,6 @@ std::pair<int64_t, int64_t> packed_cache_stats() {
   int64_t n = 0;
   for (const auto& kv : marked) n += static_cast<int64_t>(kv.second.packings.size());
   return {n, cached_bytes};
-}
-
-namespace {
-void mark_constant_weight_op(const at::Tensor& weight) { mark_constant_weight(weight); }
-std::vector<int64_t> packed_cache_stats_op() {
-  const auto [n, bytes] = packed_cache_stats();
-  return {n, bytes};
-}
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(dynconv, m) {
-  // Declares a weight constant while it lives: the CPU kernels may keep its packed layout across calls
-  // (csrc/cpu/packed_weights.h). For tensors the caller owns and never modifies (folded inference weights).
-  m.def("mark_constant_weight(Tensor weight) -> ()", &mark_constant_weight_op);
-  m.def("packed_cache_stats() -> int[]", &packed_cache_stats_op);
 }
 
 }  // namespace dynconv::cpu
