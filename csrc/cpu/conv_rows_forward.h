@@ -195,7 +195,8 @@ struct Block6x16 {
   static constexpr int64_t MR = kMR, NR = kNR;
   static constexpr bool kPrefetchInputs = true;
   template <typename T>
-  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc,
+                  bool /*pf*/) {
     conv_block_6x16<T>(ntaps, cg, rows, b, c, ldc, acc);
   }
 };
@@ -203,7 +204,8 @@ struct Block8x8 {
   static constexpr int64_t MR = kMR8, NR = kNR8;
   static constexpr bool kPrefetchInputs = true;
   template <typename T>
-  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc,
+                  bool /*pf*/) {
     conv_block_8x8<T>(ntaps, cg, rows, b, c, ldc, acc);
   }
 };
@@ -212,8 +214,9 @@ struct Block8x32 {
   static constexpr int64_t MR = kMR32, NR = kNR32;
   static constexpr bool kPrefetchInputs = false;
   template <typename T>
-  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
-    conv_block_8x32<T>(ntaps, cg, rows, b, c, ldc, acc);
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc,
+                  bool pf) {
+    conv_block_8x32<T>(ntaps, cg, rows, b, c, ldc, acc, pf);
   }
 };
 
@@ -221,10 +224,14 @@ struct Block6x64 {
   static constexpr int64_t MR = kMR64, NR = kNR64;
   static constexpr bool kPrefetchInputs = false;
   template <typename T>
-  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc) {
-    conv_block_6x64<T>(ntaps, cg, rows, b, c, ldc, acc);
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc,
+                  bool pf) {
+    conv_block_6x64<T>(ntaps, cg, rows, b, c, ldc, acc, pf);
   }
 };
+
+constexpr int64_t kL1Bytes = 48 << 10;
+inline bool weight_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_WEIGHT_PREFETCH"); }
 
 template <typename T, typename Blk>
 void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
@@ -235,6 +242,9 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   const at::Tensor wpack_t = cached_packing(weight, NR, s.G, /*kind=*/0, [&] { return pack_weight_panels<T>(s, weight, NR); });
   const T* wpack = wpack_t.data_ptr<T>();
   const int64_t K = s.k_per_group(), panels = ceil_div(s.Cog, NR), taps = s.taps(), ldc = panels * NR;
+  // Weight panels larger than L1 are software-prefetched by the AVX-512 blocks (tile_gemm.h);
+  // DYNCONV_EXT_WEIGHT_PREFETCH=0 (read per call) turns that off.
+  const bool prefetch_b = K * NR * static_cast<int64_t>(sizeof(T)) > kL1Bytes && weight_prefetch_enabled();
   const int64_t macro_rows = kBlocksPerMacro * MR, nmacro = ceil_div(M, macro_rows);
   const int64_t per_macro = kBlocksPerMacro * taps * MR;  // row pointers of one macro block: [block][tap][row]
   const TapTable<T> tt(s, iv);
@@ -349,7 +359,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           for (int64_t p = 0; p < panels; ++p)
             for (int64_t blk = 0; blk < nblk; ++blk)
               Blk::template run<T>(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR,
-                                   ctile.data() + blk * MR * ldc + p * NR, ldc, /*accumulate=*/false);
+                                   ctile.data() + blk * MR * ldc + p * NR, ldc, /*accumulate=*/false, prefetch_b);
           const T* bg = bias ? bias + g * s.Cog : nullptr;
           for (int64_t r = 0; r < mt; ++r) {
             if (zero_gaps && g == 0) {  // the gap before this row (and after the last one)

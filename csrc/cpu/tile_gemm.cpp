@@ -306,7 +306,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 // AVX-512 float block of MR rows x 16*NV channels (8x32 or 6x64): MR*NV accumulators (16 or 24) + NV B vectors
 // + 1 broadcast of the 32 zmm registers. Per k: NV loads of B, MR broadcasts of A, MR*NV FMAs, so the loop is
 // bound by the FMA pipes; the arrays are fully unrolled into registers (no stack traffic in the loop: objdump).
-template <int MR, int NV>
+// PF > 0: software-prefetch B PF reduction steps ahead (for panels that do not fit in L1; see tile_gemm.h).
+constexpr int kPrefetchSteps = 4;
+template <int MR, int NV, int PF = 0>
 __attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg, const float* const* rows,
                                                        const float* b, float* c, int64_t ldc, bool accumulate) {
   constexpr int64_t NR = 16 * NV;
@@ -321,6 +323,10 @@ __attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg
     for (int i = 0; i < MR; ++i) a[i] = rows[t * MR + i];
     for (int64_t k = 0; k < cg; ++k, b += NR) {
       __m512 bv[NV];
+      if constexpr (PF > 0) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + PF * NR + 16 * v), _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 16
@@ -648,10 +654,13 @@ void conv_block_8x8<double>(int64_t ntaps, int64_t cg, const double* const* rows
 
 template <>
 void conv_block_8x32<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
-                            int64_t ldc, bool accumulate) {
+                            int64_t ldc, bool accumulate, bool prefetch_b) {
 #ifdef DYNCONV_X86
   if (cpu_has_avx512f()) {
-    conv_block_zmm<kMR32, kNR32 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    if (prefetch_b)
+      conv_block_zmm<kMR32, kNR32 / 16, kPrefetchSteps>(ntaps, cg, rows, b, c, ldc, accumulate);
+    else
+      conv_block_zmm<kMR32, kNR32 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
     return;
   }
 #endif
@@ -660,16 +669,19 @@ void conv_block_8x32<float>(int64_t ntaps, int64_t cg, const float* const* rows,
 
 template <>
 void conv_block_8x32<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
-                             int64_t ldc, bool accumulate) {
+                             int64_t ldc, bool accumulate, bool prefetch_b) {
   conv_block_generic<double, kMR32, kNR32>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
 template <>
 void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
-                            int64_t ldc, bool accumulate) {
+                            int64_t ldc, bool accumulate, bool prefetch_b) {
 #ifdef DYNCONV_X86
   if (cpu_has_avx512f()) {
-    conv_block_zmm<kMR64, kNR64 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    if (prefetch_b)
+      conv_block_zmm<kMR64, kNR64 / 16, kPrefetchSteps>(ntaps, cg, rows, b, c, ldc, accumulate);
+    else
+      conv_block_zmm<kMR64, kNR64 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
     return;
   }
 #endif
@@ -678,7 +690,7 @@ void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows,
 
 template <>
 void conv_block_6x64<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
-                             int64_t ldc, bool accumulate) {
+                             int64_t ldc, bool accumulate, bool prefetch_b) {
   conv_block_generic<double, kMR64, kNR64>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 

@@ -84,12 +84,18 @@ bool tile_gemm_uses_avx2();
 // pick them only where tile_gemm_uses_avx512().
 constexpr int64_t kMR32 = 8;
 constexpr int64_t kNR32 = 32;
+// prefetch_b: software-prefetch the weight panel a few reduction steps ahead, for panels larger than L1 (a 3x3
+// 64-channel panel of the 6x64 block is 144 KiB and streams from L2 once per block; the hardware prefetcher left
+// the FMA loop waiting on it: 1.01-1.08x on masked 3x3 convs of 64-256 channels in one-process A/Bs on the 2-core
+// AVX-512 Xeon, python python/tools/weight_prefetch_ab.py).
 template <typename T>
-void conv_block_8x32(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+void conv_block_8x32(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate,
+                     bool prefetch_b = false);
 constexpr int64_t kMR64 = 6;
 constexpr int64_t kNR64 = 64;
 template <typename T>
-void conv_block_6x64(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+void conv_block_6x64(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate,
+                     bool prefetch_b = false);
 
 // True when this CPU (and its OS) has AVX-512F and the environment variable DYNCONV_EXT_AVX512 does not start
 // with '0'. Read on every call, so one process can time both kernels interleaved (python/tools/avx512_ab.py).
