@@ -230,6 +230,29 @@ struct Block6x64 {
   }
 };
 
+// The AVX-512 blocks' fused-store forms (tile_gemm.h): the masked conv's rows leave the registers straight into their
+// output pixels with bias, residual and activation (streaming stores where the C-tile path would use them),
+// instead of a C tile and an epilogue pass per row. DYNCONV_EXT_FUSED_EPILOGUE=0 (read per call) turns it off.
+template <typename T, typename Blk>
+struct FusedEpilogue {
+  static constexpr bool kAvailable = false;
+};
+template <>
+struct FusedEpilogue<float, Block6x64> {
+  static constexpr bool kAvailable = true;
+  static void store(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
+    conv_block_6x64z_store_table(ntaps, cg, rows, b, st);
+  }
+};
+template <>
+struct FusedEpilogue<float, Block8x32> {
+  static constexpr bool kAvailable = true;
+  static void store(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
+    conv_block_8x32z_store_table(ntaps, cg, rows, b, st);
+  }
+};
+inline bool fused_epilogue_enabled() { return env_switch_on("DYNCONV_EXT_FUSED_EPILOGUE"); }
+
 constexpr int64_t kL1Bytes = 48 << 10;
 inline bool weight_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_WEIGHT_PREFETCH"); }
 
@@ -309,6 +332,9 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
     }
     std::memset(p, 0, n * sizeof(T));
   };
+  // (the blocks are the AVX-512 ones only where the CPU has it; a channels-last output)
+  const bool fused_epilogue = FusedEpilogue<T, Blk>::kAvailable && tile_gemm_uses_avx512() && ov.sC == 1 &&
+                              fused_epilogue_enabled();
   std::atomic<int64_t> next_macro{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(nmacro, 2));
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
@@ -356,18 +382,38 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
             ptrs = grouped.data();
           }
           const T* wg = wpack + g * panels * K * NR;
+          const T* bg = bias ? bias + g * s.Cog : nullptr;
+          // the gap before row r (and after the last one)
+          const auto zero_gap = [&](int64_t r) {
+            const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
+            if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
+            if (i == M - 1 && rows[i] + 1 < s.out_pixels())
+              zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
+          };
+          if constexpr (FusedEpilogue<T, Blk>::kAvailable) {
+            if (fused_epilogue) {  // the block stores its rows itself: no C tile, no epilogue pass
+              if (zero_gaps && g == 0)
+                for (int64_t r = 0; r < mt; ++r) zero_gap(r);
+              // panel-major, as below: a panel is reused by the macro block's blocks while it is in cache
+              for (int64_t p = 0; p < panels; ++p)
+                for (int64_t blk = 0; blk < nblk; ++blk) {
+                  const int64_t nv = std::min(MR, mt - blk * MR);
+                  float* pd[MR];
+                  for (int64_t i = 0; i < nv; ++i) pd[i] = out + out_offs[blk * MR + i] + g * s.Cog + p * NR;
+                  RowStore st{pd, nv, std::min(NR, s.Cog - p * NR), bg ? bg + p * NR : nullptr, act, add};
+                  st.stream = stream;
+                  st.prefetch_b = prefetch_b;
+                  FusedEpilogue<T, Blk>::store(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR, st);
+                }
+              continue;
+            }
+          }
           for (int64_t p = 0; p < panels; ++p)
             for (int64_t blk = 0; blk < nblk; ++blk)
               Blk::template run<T>(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR,
                                    ctile.data() + blk * MR * ldc + p * NR, ldc, /*accumulate=*/false, prefetch_b);
-          const T* bg = bias ? bias + g * s.Cog : nullptr;
           for (int64_t r = 0; r < mt; ++r) {
-            if (zero_gaps && g == 0) {  // the gap before this row (and after the last one)
-              const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
-              if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
-              if (i == M - 1 && rows[i] + 1 < s.out_pixels())
-                zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
-            }
+            if (zero_gaps && g == 0) zero_gap(r);
             T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
             const T* src = ctile.data() + r * ldc;
             if constexpr (std::is_same_v<T, float>) {

@@ -348,7 +348,7 @@ __attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg
 
 // The AVX-512 block with its epilogue in registers (see block8_store_impl): MR rows x 16*NV channels, of which the
 // first st.n are read (bias, residual) and written, through lane masks (masked lanes neither fault nor store).
-template <int MR, int NV, typename RowAt>
+template <int MR, int NV, typename RowAt, int PF = 0>
 __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int64_t ntaps, int64_t cg, RowAt row,
                                                                             const float* b, const RowStore& st) {
   constexpr int64_t NR = 16 * NV;
@@ -363,6 +363,10 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
     for (int i = 0; i < MR; ++i) a[i] = row(t, i);
     for (int64_t k = 0; k < cg; ++k, b += NR) {
       __m512 bv[NV];
+      if constexpr (PF > 0) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + PF * NR + 16 * v), _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 16
@@ -393,7 +397,10 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
       // (max/min return their second operand when either is NaN: y second keeps a NaN, as std::max/min do.)
       if (st.act != 0) y = _mm512_max_ps(zero, y);
       if (st.act == 2) y = _mm512_min_ps(six, y);
-      _mm512_mask_storeu_ps(d + 16 * v, mk[v], y);
+      if (st.stream && mk[v] == 0xFFFF)
+        _mm512_stream_ps(d + 16 * v, y);
+      else
+        _mm512_mask_storeu_ps(d + 16 * v, mk[v], y);
     }
   }
 }
@@ -589,7 +596,21 @@ DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_strided(int64_t ntaps, int64_t
 DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
                                                         const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  zmm_store_impl<8, 2>(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * 8 + i]; }, b, st);
+  const auto row = [rows](int64_t t, int64_t i) { return rows[t * 8 + i]; };
+  if (st.prefetch_b)
+    zmm_store_impl<8, 2, decltype(row), kPrefetchSteps>(ntaps, cg, row, b, st);
+  else
+    zmm_store_impl<8, 2>(ntaps, cg, row, b, st);
+#endif
+}
+DYNCONV_TARGET_AVX512 void conv_block_6x64z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                        const float* b, const RowStore& st) {
+#ifdef DYNCONV_X86
+  const auto row = [rows](int64_t t, int64_t i) { return rows[t * 6 + i]; };
+  if (st.prefetch_b)
+    zmm_store_impl<6, 4, decltype(row), kPrefetchSteps>(ntaps, cg, row, b, st);
+  else
+    zmm_store_impl<6, 4>(ntaps, cg, row, b, st);
 #endif
 }
 #undef DYNCONV_TARGET_AVX512

@@ -44,6 +44,8 @@ struct RowStore {
   const float* bias;   // n values or nullptr
   int act;             // 0 none, 1 ReLU, 2 ReLU6 (after the bias and the residual)
   bool add;            // add the destination's current values (a residual) first
+  bool stream = false; // AVX-512 blocks: streaming stores (every dst 64-byte aligned, n a multiple of 16, no add)
+  bool prefetch_b = false;  // AVX-512 6x64 / 8x32 table blocks: prefetch the weight panel (see conv_block_8x32)
 };
 void conv_block_8x8_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step, const float* b,
                                   const RowStore& st);
@@ -64,6 +66,10 @@ void conv_block_8x16z_store_table(int64_t ntaps, int64_t cg, const float* const*
 void conv_block_8x32z_store_strided(int64_t ntaps, int64_t cg, const float* const* taps, int64_t step,
                                     const float* b, const RowStore& st);
 void conv_block_8x32z_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
+                                  const RowStore& st);
+// 6 pixels x up to 64 channels (four zmm per row), rows[t*6 + i]: the masked conv's 6x64 block with its epilogue in
+// registers (forward_gemm_blocked on AVX-512).
+void conv_block_6x64z_store_table(int64_t ntaps, int64_t cg, const float* const* rows, const float* b,
                                   const RowStore& st);
 
 // Streaming (non-temporal) row stores: dst[j] = act(src[j] (+ bias[j])) for j < n (act: 0 none, 1 ReLU,
@@ -87,7 +93,7 @@ constexpr int64_t kNR32 = 32;
 // prefetch_b: software-prefetch the weight panel a few reduction steps ahead, for panels larger than L1 (a 3x3
 // 64-channel panel of the 6x64 block is 144 KiB and streams from L2 once per block; the hardware prefetcher left
 // the FMA loop waiting on it: 1.01-1.08x on masked 3x3 convs of 64-256 channels in one-process A/Bs on the 2-core
-// AVX-512 Xeon, python python/tools/weight_prefetch_ab.py).
+// AVX-512 Xeon, python python/tools/masked_switch_ab.py).
 template <typename T>
 void conv_block_8x32(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate,
                      bool prefetch_b = false);

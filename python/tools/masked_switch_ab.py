@@ -1,11 +1,14 @@
-"""The AVX-512 blocks' software prefetch of weight panels larger than L1, on vs off, interleaved in one process.
+"""A CPU kernel switch of the masked conv on vs off, interleaved in one process (warm calls, float32).
 
-    python python/tools/weight_prefetch_ab.py [--reps 21]
+    python python/tools/masked_switch_ab.py [--var DYNCONV_EXT_WEIGHT_PREFETCH] [--reps 21]
 
-forward_gemm_blocked's 6x64 / 8x32 AVX-512 blocks stream their weight panel (K x 64 or K x 32 floats: 144 KiB for
-a 3x3 conv of 64 input channels) from L2 once per 6- or 8-row block; with DYNCONV_EXT_WEIGHT_PREFETCH unset or 1
-they prefetch it 4 reduction steps ahead when the panel is larger than L1 (48 KiB), with 0 they do not (read on
-every call). Prints masked_conv2d (backend="cpp", random pixel masks) both ways, float32.
+The switches are read on every call, so both settings share one process:
+  DYNCONV_EXT_WEIGHT_PREFETCH  the AVX-512 6x64 / 8x32 blocks prefetch weight panels larger than L1 (48 KiB), 4
+                               reduction steps ahead (a 3x3 conv of 64 input channels has a 144 KiB panel, streamed
+                               from L2 once per 6- or 8-row block)
+  DYNCONV_EXT_FUSED_EPILOGUE   those blocks store their rows from the registers (bias, residual, activation,
+                               streaming stores) instead of through a C tile and an epilogue pass
+Prints masked_conv2d (backend="cpp", random pixel masks) both ways on the ResNet layer shapes.
 """
 import argparse
 import os
@@ -15,7 +18,6 @@ import torch
 from dynconv_ext.ops import masked_conv2d
 from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
 
-VAR = "DYNCONV_EXT_WEIGHT_PREFETCH"
 # (N, C, H, k): the ResNet layer shapes of the benchmark; the 1x1 64-channel panel (16 KiB) is not prefetched
 SHAPES = [(8, 64, 56, 3), (8, 128, 28, 3), (8, 256, 14, 3), (8, 64, 56, 1), (8, 256, 14, 1), (1, 64, 56, 3),
           (1, 256, 14, 3)]
@@ -23,13 +25,15 @@ SHAPES = [(8, 64, 56, 3), (8, 128, 28, 3), (8, 256, 14, 3), (8, 64, 56, 1), (8, 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--var", default="DYNCONV_EXT_WEIGHT_PREFETCH")
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    print(f"weight-panel prefetch on vs off (interleaved, one process, warm calls); {machine_description()}")
+    var = args.var
+    print(f"{var} on vs off (interleaved, one process, warm calls); {machine_description()}")
     print("| N | C | HxW | k | panel KiB | density | on: ms | off: ms | speedup |\n|---|---|---|---|---|---|---|---|---|")
     for n, c, h, k in SHAPES:
         x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
@@ -38,11 +42,11 @@ def main():
         for d in args.densities:
             m = torch.rand(n, h, h, generator=g) < d
             call = (lambda m=m, x=x, w=w, b=b, k=k: masked_conv2d(x, w, b, m, 1, k // 2, backend="cpp"))
-            t = interleaved_medians({"on": with_env_switch(call, VAR, True), "off": with_env_switch(call, VAR, False)},
+            t = interleaved_medians({"on": with_env_switch(call, var, True), "off": with_env_switch(call, var, False)},
                                     reps=args.reps, warmup=3, burst=4)
             print(f"| {n} | {c} | {h}x{h} | {k} | {c * k * k * nr * 4 // 1024} | {d} | {t['on']:.3f} | {t['off']:.3f} | "
                   f"{t['off'] / t['on']:.3f}x |")
-    os.environ.pop(VAR, None)
+    os.environ.pop(var, None)
 
 
 if __name__ == "__main__":
