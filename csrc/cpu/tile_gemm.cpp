@@ -405,6 +405,18 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
   }
 }
 
+// zmm_store_impl on a row-pointer table (rows[t * MR + i]), with the weight-panel prefetch where st asks for it.
+template <int MR, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void zmm_store_table(int64_t ntaps, int64_t cg,
+                                                                             const float* const* rows, const float* b,
+                                                                             const RowStore& st) {
+  const auto row = [rows](int64_t t, int64_t i) { return rows[t * MR + i]; };
+  if (st.prefetch_b)
+    zmm_store_impl<MR, NV, decltype(row), kPrefetchSteps>(ntaps, cg, row, b, st);
+  else
+    zmm_store_impl<MR, NV>(ntaps, cg, row, b, st);
+}
+
 // AVX-512 tile micro-kernel for the backward GEMMs: 6 rows x NP 16-column panels at once (NP = 4, 2 or 1; the
 // panels lie panel_stride apart, as tile_gemm packs them), 6*NP zmm accumulators. Each output is still summed in k
 // order, so the result equals the AVX2 kernel's bit for bit.
@@ -596,21 +608,13 @@ DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_strided(int64_t ntaps, int64_t
 DYNCONV_TARGET_AVX512 void conv_block_8x32z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
                                                         const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  const auto row = [rows](int64_t t, int64_t i) { return rows[t * 8 + i]; };
-  if (st.prefetch_b)
-    zmm_store_impl<8, 2, decltype(row), kPrefetchSteps>(ntaps, cg, row, b, st);
-  else
-    zmm_store_impl<8, 2>(ntaps, cg, row, b, st);
+  zmm_store_table<8, 2>(ntaps, cg, rows, b, st);
 #endif
 }
 DYNCONV_TARGET_AVX512 void conv_block_6x64z_store_table(int64_t ntaps, int64_t cg, const float* const* rows,
                                                         const float* b, const RowStore& st) {
 #ifdef DYNCONV_X86
-  const auto row = [rows](int64_t t, int64_t i) { return rows[t * 6 + i]; };
-  if (st.prefetch_b)
-    zmm_store_impl<6, 4, decltype(row), kPrefetchSteps>(ntaps, cg, row, b, st);
-  else
-    zmm_store_impl<6, 4>(ntaps, cg, row, b, st);
+  zmm_store_table<6, 4>(ntaps, cg, rows, b, st);
 #endif
 }
 #undef DYNCONV_TARGET_AVX512
