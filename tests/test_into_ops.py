@@ -357,3 +357,34 @@ def test_bad_input_names_the_argument():
     # direct op calls are checked in C++ too
     with pytest.raises(RuntimeError, match="channel_offset"):
         torch.ops.dynconv.conv2d_into_(x, w, None, out, 7, [1, 1], [1, 1], [1, 1], 1, 0)
+
+
+def test_unchecked_variants_match_and_fall_back():
+    """conv2d_into_unchecked / resize_into_unchecked (the models' fused paths): the same result as the checked
+    functionals; with autograd or another backend they go through the checked functionals (gradients flow)."""
+    from dynconv_ext.ops.conv2d_into import conv2d_into_unchecked
+    from dynconv_ext.ops.resize_into import resize_into_unchecked
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(5, 6, 3, 3), torch.randn(5)
+    out_a = torch.randn(2, 12, 9, 9).contiguous(memory_format=torch.channels_last)
+    out_b = out_a.clone()
+    conv2d_into(x, w, b, out_a, 4, 1, 1, activation="relu6")
+    conv2d_into_unchecked(x, w, b, out_b, 4, [1, 1], [1, 1], [1, 1], 1, 2)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    for backend in ("reference", "cpp"):
+        r = torch.randn(2, 12, 9, 9).contiguous(memory_format=torch.channels_last)
+        conv2d_into_unchecked(x, w, b, r, 4, [1, 1], [1, 1], [1, 1], 1, 2, backend=backend)
+        torch.testing.assert_close(r[:, 4:9], out_a[:, 4:9], rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    y = conv2d_into_unchecked(xg, w, b, torch.zeros(2, 5, 9, 9), 0, [1, 1], [1, 1], [1, 1], 1, 1)
+    y.sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.conv2d(xr, w, b, 1, 1).relu().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    lo = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    big_a = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    big_b = big_a.clone()
+    resize_into(lo, big_a, 1)
+    resize_into_unchecked(lo, big_b, 1)
+    torch.testing.assert_close(big_a, big_b, rtol=0, atol=0)
