@@ -91,3 +91,23 @@ def test_models_folded_weights_are_packed_once():
     assert n1 > n0 and stats()[0] == n1  # the second forward packed nothing new
     for a, b in zip(again, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sparse_conv2d_with_a_marked_weight():
+    """A user's opt-in: a SparseConv2d whose weight is marked constant keeps it packed; an in-place update (version
+    counter) is still seen."""
+    from dynconv_ext.nn import SparseConv2d
+    from dynconv_ext.ops import mark_constant_weight as public_mark
+    torch.manual_seed(3)
+    conv = SparseConv2d(16, 32, 3, padding=1)
+    public_mark(conv.weight)
+    x = torch.randn(2, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    m = torch.rand(2, 10, 10) < 0.5
+    n0 = stats()[0]
+    with torch.no_grad():
+        y1 = conv(x, m)
+        assert stats()[0] == n0 + 1
+        torch.testing.assert_close(conv(x, m), y1, rtol=0, atol=0)
+        conv.weight.mul_(3)
+        ref = F.conv2d(x, conv.weight, conv.bias, 1, 1) * m.unsqueeze(1)
+        torch.testing.assert_close(conv(x, m), ref, rtol=1e-4, atol=1e-3)
