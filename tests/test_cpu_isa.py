@@ -18,7 +18,7 @@ from dynconv_ext.reference import masked_conv2d_reference
 # (C_in, C_out, k, stride, padding, dilation, groups, H). Masked convs: Cog 64 and 128 (6x64 panels), 24/40/96
 # (8x32, partial last panel), 64 with 160 input channels at 3x3 (K = 1440 > 1152: 8x32), 2 groups of 64, a 1x1.
 # conv2d_into (dense) also takes the fused 8x16 / 8x32 blocks for 9-64 channels per group: 12, 2 groups of 16,
-# 24, 40, 64.
+# 24, 40, 64. The last three have so few rows that the masked conv splits their weight panels across threads.
 SHAPES = [
     (16, 64, 3, 1, 1, 1, 1, 9),
     (32, 128, 3, 2, 1, 1, 1, 11),
@@ -30,6 +30,10 @@ SHAPES = [
     (64, 64, 1, 1, 0, 1, 1, 13),
     (10, 12, 3, 1, 1, 1, 1, 9),
     (8, 32, 3, 2, 1, 1, 2, 12),
+    # few active rows, many weight panels: the panels are split across threads (4 and 8 panels of 64; 2 groups)
+    (64, 256, 3, 1, 1, 1, 1, 4),
+    (96, 512, 3, 1, 1, 1, 1, 3),
+    (64, 256, 3, 1, 1, 1, 2, 4),
 ]
 
 # Depthwise-style groups (one input channel per group) take their own kernel: 4-pixel AVX-512 runs along interior

@@ -359,6 +359,23 @@ def test_narrow_and_wide_register_blocks_agree_with_reference(co, groups, dtype)
     torch.testing.assert_close(out, ref, **tol)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_few_rows_large_output_split_panels(groups):
+    # A handful of active pixels and several weight panels: the panels are split across threads, with streaming
+    # stores and zero gaps (the output is >= 4 MiB). 1 x 128 x 96 x 96 float = 4.5 MiB.
+    torch.manual_seed(3 + groups)
+    x = torch.randn(1, 64, 96, 96).to(memory_format=torch.channels_last)
+    w, b = torch.randn(128, 64 // groups, 3, 3), torch.randn(128)
+    m = torch.zeros(1, 96, 96, dtype=torch.bool)
+    m[0, 0, 0] = m[0, 5, 7] = m[0, 5, 8] = m[0, 50, 60] = m[0, 95, 95] = True
+    torch.empty(128 * 96 * 96).fill_(float("nan"))
+    out = masked_conv2d(x, w, b, m, 1, 1, groups=groups, activation="relu", backend="cpp")
+    ref = F.conv2d(x, w, b, 1, 1, 1, groups).relu()
+    sel = m[:, None].expand_as(out)
+    torch.testing.assert_close(out[sel], ref[sel], rtol=1e-4, atol=1e-3)
+    assert torch.all(out[~sel] == 0)
+
+
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_large_output_streaming_stores(activation, groups):

@@ -252,6 +252,8 @@ struct FusedEpilogue<float, Block8x32> {
   }
 };
 inline bool fused_epilogue_enabled() { return env_switch_on("DYNCONV_EXT_FUSED_EPILOGUE"); }
+// DYNCONV_EXT_SPLIT_PANELS=0 (read per call) keeps few-row convs on one thread per macro block (see forward_gemm_blocked).
+inline bool split_panels_enabled() { return env_switch_on("DYNCONV_EXT_SPLIT_PANELS"); }
 
 constexpr int64_t kL1Bytes = 48 << 10;
 inline bool weight_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_WEIGHT_PREFETCH"); }
@@ -335,8 +337,58 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
   // (the blocks are the AVX-512 ones only where the CPU has it; a channels-last output)
   const bool fused_epilogue = FusedEpilogue<T, Blk>::kAvailable && tile_gemm_uses_avx512() && ov.sC == 1 &&
                               fused_epilogue_enabled();
+  // Few active rows and many weight panels (batch 1 in a deep stage: e.g. 12 active pixels of a 7x7 512-channel
+  // 3x3 conv, one macro block, 16 panels of 576 KiB): split the panels across the threads instead of leaving all
+  // but one idle while one streams every panel. Only with the register epilogue, where a panel's columns are
+  // stored on their own.
+  const int64_t threads = at::get_num_threads();
+  if constexpr (FusedEpilogue<T, Blk>::kAvailable) {
+    if (fused_epilogue && panels > 1 && threads > 1 && nmacro < 2 * threads && split_panels_enabled()) {
+      if (zero_mask && !zero_gaps)
+        at::parallel_for(0, s.N * s.Ho, 16, [&](int64_t b0, int64_t e0) { zero_inactive<T>(s, zero_mask, b0, e0, out, ov); });
+      at::parallel_for(0, nmacro * panels, 1, [&](int64_t b0, int64_t e0) {
+        std::vector<const T*> ptrs(static_cast<size_t>(per_macro)), grouped(static_cast<size_t>(s.G > 1 ? per_macro : 0));
+        std::vector<int64_t> offs(static_cast<size_t>(macro_rows));
+        int64_t have = -1;  // the macro block whose row pointers `ptrs` holds
+        for (int64_t item = b0; item < e0; ++item) {
+          const int64_t mb = item / panels, p = item % panels;
+          if (mb != have) {
+            macro_ptrs(mb, ptrs.data(), offs.data());
+            have = mb;
+          }
+          const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0), nblk = ceil_div(mt, MR);
+          if (zero_gaps && p == 0)
+            for (int64_t r = 0; r < mt; ++r) {
+              const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
+              if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
+              if (i == M - 1 && rows[i] + 1 < s.out_pixels())
+                zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
+            }
+          for (int64_t g = 0; g < s.G; ++g) {
+            const T* const* gp = ptrs.data();
+            if (s.G > 1) {
+              for (int64_t q = 0; q < nblk * taps * MR; ++q) grouped[q] = ptrs[q] == zp ? zp : ptrs[q] + g * s.Cg;
+              gp = grouped.data();
+            }
+            const T* bg = bias ? bias + g * s.Cog : nullptr;
+            for (int64_t blk = 0; blk < nblk; ++blk) {
+              const int64_t nv = std::min(MR, mt - blk * MR);
+              float* pd[MR];
+              for (int64_t i = 0; i < nv; ++i) pd[i] = out + offs[blk * MR + i] + g * s.Cog + p * NR;
+              RowStore st{pd, nv, std::min(NR, s.Cog - p * NR), bg ? bg + p * NR : nullptr, act, add};
+              st.stream = stream;
+              st.prefetch_b = prefetch_b;
+              FusedEpilogue<T, Blk>::store(taps, s.Cg, gp + blk * taps * MR, wpack + (g * panels + p) * K * NR, st);
+            }
+          }
+        }
+        if (stream) stream_fence();
+      });
+      return;
+    }
+  }
   std::atomic<int64_t> next_macro{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(nmacro, 2));
+  const int64_t workers = std::min<int64_t>(threads, ceil_div(nmacro, 2));
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     std::vector<const T*> cur(static_cast<size_t>(per_macro)), next(static_cast<size_t>(per_macro));
     std::vector<int64_t> out_offs(static_cast<size_t>(macro_rows)), next_out(static_cast<size_t>(macro_rows));
