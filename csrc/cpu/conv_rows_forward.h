@@ -334,6 +334,28 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
     }
     std::memset(p, 0, n * sizeof(T));
   };
+  // Zeroes the inactive pixels before active row i (and, after the last one, those to the end).
+  const auto zero_gap = [&](int64_t i) {
+    const int64_t from = i == 0 ? 0 : rows[i - 1] + 1;
+    if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
+    if (i == M - 1 && rows[i] + 1 < s.out_pixels())
+      zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
+  };
+  // The register-epilogue path: block blk of a macro block (mt rows, output offsets offs, row pointers gptrs of
+  // group g) over weight panel p, stored straight into its output pixels.
+  const auto store_block = [&](const T* const* gptrs, const int64_t* offs, int64_t g, int64_t p, int64_t blk,
+                               int64_t mt) {
+    if constexpr (FusedEpilogue<T, Blk>::kAvailable) {
+      const int64_t nv = std::min(MR, mt - blk * MR);
+      float* pd[MR];
+      for (int64_t i = 0; i < nv; ++i) pd[i] = out + offs[blk * MR + i] + g * s.Cog + p * NR;
+      const float* bg = bias ? bias + g * s.Cog + p * NR : nullptr;
+      RowStore st{pd, nv, std::min(NR, s.Cog - p * NR), bg, act, add};
+      st.stream = stream;
+      st.prefetch_b = prefetch_b;
+      FusedEpilogue<T, Blk>::store(taps, s.Cg, gptrs + blk * taps * MR, wpack + (g * panels + p) * K * NR, st);
+    }
+  };
   // (the blocks are the AVX-512 ones only where the CPU has it; a channels-last output)
   const bool fused_epilogue = FusedEpilogue<T, Blk>::kAvailable && tile_gemm_uses_avx512() && ov.sC == 1 &&
                               fused_epilogue_enabled();
@@ -358,28 +380,14 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           }
           const int64_t r0 = mb * macro_rows, mt = std::min(macro_rows, M - r0), nblk = ceil_div(mt, MR);
           if (zero_gaps && p == 0)
-            for (int64_t r = 0; r < mt; ++r) {
-              const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
-              if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
-              if (i == M - 1 && rows[i] + 1 < s.out_pixels())
-                zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
-            }
+            for (int64_t r = 0; r < mt; ++r) zero_gap(r0 + r);
           for (int64_t g = 0; g < s.G; ++g) {
             const T* const* gp = ptrs.data();
             if (s.G > 1) {
               for (int64_t q = 0; q < nblk * taps * MR; ++q) grouped[q] = ptrs[q] == zp ? zp : ptrs[q] + g * s.Cg;
               gp = grouped.data();
             }
-            const T* bg = bias ? bias + g * s.Cog : nullptr;
-            for (int64_t blk = 0; blk < nblk; ++blk) {
-              const int64_t nv = std::min(MR, mt - blk * MR);
-              float* pd[MR];
-              for (int64_t i = 0; i < nv; ++i) pd[i] = out + offs[blk * MR + i] + g * s.Cog + p * NR;
-              RowStore st{pd, nv, std::min(NR, s.Cog - p * NR), bg ? bg + p * NR : nullptr, act, add};
-              st.stream = stream;
-              st.prefetch_b = prefetch_b;
-              FusedEpilogue<T, Blk>::store(taps, s.Cg, gp + blk * taps * MR, wpack + (g * panels + p) * K * NR, st);
-            }
+            for (int64_t blk = 0; blk < nblk; ++blk) store_block(gp, offs.data(), g, p, blk, mt);
           }
         }
         if (stream) stream_fence();
@@ -435,28 +443,13 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           }
           const T* wg = wpack + g * panels * K * NR;
           const T* bg = bias ? bias + g * s.Cog : nullptr;
-          // the gap before row r (and after the last one)
-          const auto zero_gap = [&](int64_t r) {
-            const int64_t i = r0 + r, from = i == 0 ? 0 : rows[i - 1] + 1;
-            if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
-            if (i == M - 1 && rows[i] + 1 < s.out_pixels())
-              zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
-          };
           if constexpr (FusedEpilogue<T, Blk>::kAvailable) {
             if (fused_epilogue) {  // the block stores its rows itself: no C tile, no epilogue pass
               if (zero_gaps && g == 0)
-                for (int64_t r = 0; r < mt; ++r) zero_gap(r);
+                for (int64_t r = 0; r < mt; ++r) zero_gap(r0 + r);
               // panel-major, as below: a panel is reused by the macro block's blocks while it is in cache
               for (int64_t p = 0; p < panels; ++p)
-                for (int64_t blk = 0; blk < nblk; ++blk) {
-                  const int64_t nv = std::min(MR, mt - blk * MR);
-                  float* pd[MR];
-                  for (int64_t i = 0; i < nv; ++i) pd[i] = out + out_offs[blk * MR + i] + g * s.Cog + p * NR;
-                  RowStore st{pd, nv, std::min(NR, s.Cog - p * NR), bg ? bg + p * NR : nullptr, act, add};
-                  st.stream = stream;
-                  st.prefetch_b = prefetch_b;
-                  FusedEpilogue<T, Blk>::store(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR, st);
-                }
+                for (int64_t blk = 0; blk < nblk; ++blk) store_block(ptrs, out_offs.data(), g, p, blk, mt);
               continue;
             }
           }
@@ -465,7 +458,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
               Blk::template run<T>(taps, s.Cg, ptrs + blk * taps * MR, wg + p * K * NR,
                                    ctile.data() + blk * MR * ldc + p * NR, ldc, /*accumulate=*/false, prefetch_b);
           for (int64_t r = 0; r < mt; ++r) {
-            if (zero_gaps && g == 0) zero_gap(r);
+            if (zero_gaps && g == 0) zero_gap(r0 + r);
             T* dst = out + out_offs[r] + g * s.Cog * ov.sC;
             const T* src = ctile.data() + r * ldc;
             if constexpr (std::is_same_v<T, float>) {
