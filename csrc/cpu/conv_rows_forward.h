@@ -334,6 +334,13 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
     }
     std::memset(p, 0, n * sizeof(T));
   };
+  // The row pointers of nblk blocks for group g: with several groups, shifted into `shifted` to group g's channels
+  // (never the zero row); with one, src itself.
+  const auto group_ptrs = [&](const T* const* src, const T** shifted, int64_t nblk, int64_t g) -> const T* const* {
+    if (s.G == 1) return src;
+    for (int64_t q = 0; q < nblk * taps * MR; ++q) shifted[q] = src[q] == zp ? zp : src[q] + g * s.Cg;
+    return shifted;
+  };
   // Zeroes the inactive pixels before active row i (and, after the last one, those to the end).
   const auto zero_gap = [&](int64_t i) {
     const int64_t from = i == 0 ? 0 : rows[i - 1] + 1;
@@ -382,11 +389,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           if (zero_gaps && p == 0)
             for (int64_t r = 0; r < mt; ++r) zero_gap(r0 + r);
           for (int64_t g = 0; g < s.G; ++g) {
-            const T* const* gp = ptrs.data();
-            if (s.G > 1) {
-              for (int64_t q = 0; q < nblk * taps * MR; ++q) grouped[q] = ptrs[q] == zp ? zp : ptrs[q] + g * s.Cg;
-              gp = grouped.data();
-            }
+            const T* const* gp = group_ptrs(ptrs.data(), grouped.data(), nblk, g);
             for (int64_t blk = 0; blk < nblk; ++blk) store_block(gp, offs.data(), g, p, blk, mt);
           }
         }
@@ -436,11 +439,7 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
           }
         }
         for (int64_t g = 0; g < s.G; ++g) {
-          const T* const* ptrs = cur.data();
-          if (s.G > 1) {  // shift to group g's channels (never the zero row)
-            for (int64_t q = 0; q < nblk * taps * MR; ++q) grouped[q] = cur[q] == zp ? zp : cur[q] + g * s.Cg;
-            ptrs = grouped.data();
-          }
+          const T* const* ptrs = group_ptrs(cur.data(), grouped.data(), nblk, g);
           const T* wg = wpack + g * panels * K * NR;
           const T* bg = bias ? bias + g * s.Cog : nullptr;
           if constexpr (FusedEpilogue<T, Blk>::kAvailable) {

@@ -303,56 +303,16 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 #undef DYNCONV_HALF
 }
 
-// AVX-512 float block of MR rows x 16*NV channels (8x32 or 6x64): MR*NV accumulators (16 or 24) + NV B vectors
-// + 1 broadcast of the 32 zmm registers. Per k: NV loads of B, MR broadcasts of A, MR*NV FMAs, so the loop is
-// bound by the FMA pipes; the arrays are fully unrolled into registers (no stack traffic in the loop: objdump).
+// The AVX-512 blocks' reduction: acc[i][v] = sum over taps t and channels k of row(t, i)[k] * b[(t*cg + k)*NR + 16v ..]
+// for MR rows x 16*NV channels: MR*NV accumulators (16 or 24) + NV B vectors + 1 broadcast of the 32 zmm registers.
+// Per k: NV loads of B, MR broadcasts of A, MR*NV FMAs, so the loop is bound by the FMA pipes; inlined, the arrays
+// are fully unrolled into registers (no stack traffic in the loop: objdump).
 // PF > 0: software-prefetch B PF reduction steps ahead (for panels that do not fit in L1; see tile_gemm.h).
 constexpr int kPrefetchSteps = 4;
-template <int MR, int NV, int PF = 0>
-__attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg, const float* const* rows,
-                                                       const float* b, float* c, int64_t ldc, bool accumulate) {
+template <int MR, int NV, int PF, typename RowAt>
+__attribute__((target("avx512f"), always_inline)) inline void zmm_accumulate(int64_t ntaps, int64_t cg, RowAt row,
+                                                                            const float* b, __m512 (&acc)[MR][NV]) {
   constexpr int64_t NR = 16 * NV;
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float* a[MR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) a[i] = rows[t * MR + i];
-    for (int64_t k = 0; k < cg; ++k, b += NR) {
-      __m512 bv[NV];
-      if constexpr (PF > 0) {
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + PF * NR + 16 * v), _MM_HINT_T0);
-      }
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const __m512 x = _mm512_set1_ps(a[i][k]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      float* ci = c + i * ldc + 16 * v;
-      _mm512_storeu_ps(ci, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(ci)) : acc[i][v]);
-    }
-}
-
-// The AVX-512 block with its epilogue in registers (see block8_store_impl): MR rows x 16*NV channels, of which the
-// first st.n are read (bias, residual) and written, through lane masks (masked lanes neither fault nor store).
-template <int MR, int NV, typename RowAt, int PF = 0>
-__attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int64_t ntaps, int64_t cg, RowAt row,
-                                                                            const float* b, const RowStore& st) {
-  constexpr int64_t NR = 16 * NV;
-  __m512 acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -377,6 +337,41 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
       }
     }
   }
+}
+
+// AVX-512 float block of MR rows x 16*NV channels (8x32 or 6x64) into a C tile.
+template <int MR, int NV, int PF = 0>
+__attribute__((target("avx512f"))) void conv_block_zmm(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                       const float* b, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+  zmm_accumulate<MR, NV, PF>(ntaps, cg, [rows](int64_t t, int64_t i) { return rows[t * MR + i]; }, b, acc);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + 16 * v;
+      _mm512_storeu_ps(ci, accumulate ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(ci)) : acc[i][v]);
+    }
+}
+
+// conv_block_zmm with the weight-panel prefetch where prefetch_b asks for it.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void conv_block_zmm_pf(int64_t ntaps, int64_t cg, const float* const* rows,
+                                                          const float* b, float* c, int64_t ldc, bool accumulate,
+                                                          bool prefetch_b) {
+  if (prefetch_b)
+    conv_block_zmm<MR, NV, kPrefetchSteps>(ntaps, cg, rows, b, c, ldc, accumulate);
+  else
+    conv_block_zmm<MR, NV>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+// The AVX-512 block with its epilogue in registers (see block8_store_impl): MR rows x 16*NV channels, of which the
+// first st.n are read (bias, residual) and written, through lane masks (masked lanes neither fault nor store).
+template <int MR, int NV, typename RowAt, int PF = 0>
+__attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int64_t ntaps, int64_t cg, RowAt row,
+                                                                            const float* b, const RowStore& st) {
+  __m512 acc[MR][NV];
+  zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc);
   __mmask16 mk[NV];
   __m512 bias[NV];
   const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
@@ -682,10 +677,7 @@ void conv_block_8x32<float>(int64_t ntaps, int64_t cg, const float* const* rows,
                             int64_t ldc, bool accumulate, bool prefetch_b) {
 #ifdef DYNCONV_X86
   if (cpu_has_avx512f()) {
-    if (prefetch_b)
-      conv_block_zmm<kMR32, kNR32 / 16, kPrefetchSteps>(ntaps, cg, rows, b, c, ldc, accumulate);
-    else
-      conv_block_zmm<kMR32, kNR32 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    conv_block_zmm_pf<kMR32, kNR32 / 16>(ntaps, cg, rows, b, c, ldc, accumulate, prefetch_b);
     return;
   }
 #endif
@@ -694,7 +686,7 @@ void conv_block_8x32<float>(int64_t ntaps, int64_t cg, const float* const* rows,
 
 template <>
 void conv_block_8x32<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
-                             int64_t ldc, bool accumulate, bool prefetch_b) {
+                             int64_t ldc, bool accumulate, bool /*prefetch_b*/) {
   conv_block_generic<double, kMR32, kNR32>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
@@ -703,10 +695,7 @@ void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows,
                             int64_t ldc, bool accumulate, bool prefetch_b) {
 #ifdef DYNCONV_X86
   if (cpu_has_avx512f()) {
-    if (prefetch_b)
-      conv_block_zmm<kMR64, kNR64 / 16, kPrefetchSteps>(ntaps, cg, rows, b, c, ldc, accumulate);
-    else
-      conv_block_zmm<kMR64, kNR64 / 16>(ntaps, cg, rows, b, c, ldc, accumulate);
+    conv_block_zmm_pf<kMR64, kNR64 / 16>(ntaps, cg, rows, b, c, ldc, accumulate, prefetch_b);
     return;
   }
 #endif
@@ -715,7 +704,7 @@ void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows,
 
 template <>
 void conv_block_6x64<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
-                             int64_t ldc, bool accumulate, bool prefetch_b) {
+                             int64_t ldc, bool accumulate, bool /*prefetch_b*/) {
   conv_block_generic<double, kMR64, kNR64>(ntaps, cg, rows, b, c, ldc, accumulate);
 }
 
