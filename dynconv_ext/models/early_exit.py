@@ -18,7 +18,7 @@ simulated evaluation (all exits, thresholds replayed) and the runtime compute th
 import collections
 import sys
 import threading
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,18 @@ def tensor_stamp(t: torch.Tensor):
     if t.is_inference():
         return object()
     return (t.data_ptr(), t._version, t.dtype)
+
+
+def weights_signature(tensors) -> tuple:
+    """The stamps of `tensors` and whether inference mode is on: what a cache of derived tensors (folded weights)
+    was built from. Compare two with :func:`signature_changed`."""
+    return tuple(tensor_stamp(t) for t in tensors) + (torch.is_inference_mode_enabled(),)
+
+
+def signature_changed(old: Optional[tuple], new: tuple) -> bool:
+    """Whether a cache built at signature `old` must be rebuilt for `new`: a tensor changed, or the cache was built
+    under inference_mode (it may hold inference tensors, unusable where autograd records) and `new` is not."""
+    return old is None or (old != new and (old[:-1] != new[:-1] or old[-1]))
 
 
 def index_state(state: Any, index: torch.Tensor, empty=None) -> Any:

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from ..nn.blocks import fold_bn
 from ..ops.masked_conv2d import ACTIVATIONS
 from ..ops.conv2d_into import conv2d_into_unchecked, mark_constant_weight
-from .early_exit import EarlyExitNet, tensor_stamp
+from .early_exit import EarlyExitNet, signature_changed, weights_signature
 
 __all__ = ["MSDNet", "msdnet_cifar", "msdnet_cifar_budgeted", "msdnet_imagenet"]
 
@@ -367,9 +367,8 @@ class MSDNet(EarlyExitNet):
         if cache is not None and not check:
             return cache[2]
         tensors = cache[0] if cache is not None else list(chain(self.parameters(), self.buffers()))
-        # weights folded under inference_mode are inference tensors, unusable where autograd records
-        sig = tuple(tensor_stamp(t) for t in tensors) + (torch.is_inference_mode_enabled(),)
-        if cache is None or (cache[1] != sig and (cache[1][:-1] != sig[:-1] or cache[1][-1])):
+        sig = weights_signature(tensors)
+        if signature_changed(None if cache is None else cache[1], sig):
             folded = {}
             # outside inference_mode, so the folded weights are normal tensors with a version counter, which the
             # kernels' packed-weight cache needs (they are then marked constant: nothing modifies them)

@@ -76,7 +76,7 @@ from ..nn.blocks import bn_scale_shift, fold_bn
 from ..ops.conv2d_into import conv2d_into_unchecked, mark_constant_weight
 from ..ops.masked_conv2d import ACTIVATIONS
 from ..ops.resize_into import resize_into_unchecked
-from .early_exit import EarlyExitNet, index_state, tensor_stamp
+from .early_exit import EarlyExitNet, index_state, signature_changed, weights_signature
 
 __all__ = ["RANet", "ranet_cifar", "ranet_imagenet"]
 
@@ -382,10 +382,9 @@ class RANet(EarlyExitNet):
         mods = getattr(self, "_fold_modules", None)
         if mods is None:  # walking the module tree costs ~1 ms at RANet's size: once per cache
             mods = self._fold_modules = list(self.modules())
-        sig = tuple(tensor_stamp(t) for m in mods for t in chain(m._parameters.values(), m._buffers.values())
-                    if t is not None) + (torch.is_inference_mode_enabled(),)
-        old = getattr(self, "_fold_sig", None)
-        if old is None or (old != sig and (old[:-1] != sig[:-1] or old[-1])):
+        sig = weights_signature(t for m in mods for t in chain(m._parameters.values(), m._buffers.values())
+                                if t is not None)
+        if signature_changed(getattr(self, "_fold_sig", None), sig):
             self._fold_cache = {}
         self._fold_sig = sig
 
@@ -411,12 +410,12 @@ class RANet(EarlyExitNet):
             # BN-less conv's weight is the parameter itself, and stays unmarked)
             with torch.inference_mode(False), torch.no_grad():  # (in this order: the first re-enables grad)
                 if bn is None:
-                    w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+                    w, b = conv.weight.detach().contiguous(), None if conv.bias is None else conv.bias.detach()
                 else:
                     w, b = fold_bn(conv, bn)
                     w = mark_constant_weight(w.contiguous())
                 # with the op's argument lists, built once
-                hit = (w.contiguous(), b.contiguous() if b is not None else None, list(conv.stride),
+                hit = (w, b.contiguous() if b is not None else None, list(conv.stride),
                        list(conv.padding), list(conv.dilation))
             self._fold_cache[conv] = hit
         return hit

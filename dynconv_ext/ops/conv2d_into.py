@@ -38,6 +38,16 @@ INTO_BACKENDS = ("auto", "cpp", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None entries ignored): grad mode on and one requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups):
     name = "conv2d_into"
     for arg, t in (("input", input), ("weight", weight), ("out", out)):
@@ -211,7 +221,7 @@ def conv2d_into(
     _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups)
     _check_backend("conv2d_into", backend, input)
     conv_args = (stride, padding, dilation, groups)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, out)):
+    if records_grad(input, weight, bias, out):
         return _Conv2dIntoFn.apply(input, weight, bias, out, channel_offset, conv_args, activation, backend)
     return _conv2d_into_raw(input, weight, bias, out, channel_offset, conv_args, activation, backend)
 
@@ -234,8 +244,7 @@ def conv2d_into_unchecked(input, weight, bias, out, channel_offset: int, stride,
     a small conv (batch-1 inference). The C++ kernel still checks shapes, dtypes and the slice. Anything else than
     a CPU tensor with backend ``"auto"``/``"cpp"`` outside autograd goes through :func:`conv2d_into`."""
     if (input.device.type == "cpu" and (backend == "auto" or backend == "cpp") and _extension.load_error() is None
-            and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad) or out.requires_grad))):
+            and not records_grad(input, weight, bias, out)):
         torch.ops.dynconv.conv2d_into_(input, weight, bias, out, channel_offset, stride, padding, dilation, groups,
                                        activation)
         return out

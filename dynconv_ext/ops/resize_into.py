@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..reference import resize_into_reference
-from .conv2d_into import INTO_BACKENDS, _check_backend, _check_no_overlap, _triton_ops, _use_op
+from .conv2d_into import INTO_BACKENDS, _check_backend, _check_no_overlap, _triton_ops, _use_op, records_grad
 
 
 def _validate(input, out, channel_offset):
@@ -100,7 +100,7 @@ def resize_into(input: torch.Tensor, out: torch.Tensor, channel_offset: int, *, 
         raise ValueError(f"resize_into: backend must be one of {INTO_BACKENDS}, got {backend!r}")
     _validate(input, out, channel_offset)
     _check_backend("resize_into", backend, input)
-    if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
+    if records_grad(input, out):
         return _ResizeIntoFn.apply(input, out, channel_offset, backend)
     return _resize_into_raw(input, out, channel_offset, backend)
 
@@ -109,7 +109,7 @@ def resize_into_unchecked(input, out, channel_offset: int, backend: str = "auto"
     """:func:`resize_into` without the Python-side validation, for the models' fused inference paths (see
     :func:`dynconv_ext.ops.conv2d_into.conv2d_into_unchecked`); the C++ kernel still checks its arguments."""
     if (input.device.type == "cpu" and (backend == "auto" or backend == "cpp") and _extension.load_error() is None
-            and not (torch.is_grad_enabled() and (input.requires_grad or out.requires_grad))):
+            and not records_grad(input, out)):
         torch.ops.dynconv.resize_into_(input, out, channel_offset)
         return out
     return resize_into(input, out, channel_offset, backend=backend)

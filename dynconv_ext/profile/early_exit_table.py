@@ -107,6 +107,17 @@ def measure_switch_ab(name: str, var: str, batch: int = 256, reps: int = 5, prio
     return interleaved_medians(fns, reps=reps, warmup=1)
 
 
+def switch_ab_rows(t: Dict[str, float], priors=(0.5, 1.0), prefix: str = "") -> List[str]:
+    """Markdown rows `prefix| run | on ms | off ms | speedup |` of a :func:`measure_switch_ab` result (the budgeted
+    runs with their gain over all exits under the same setting)."""
+    rows = [f"{prefix}| all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |"]
+    for p in priors:
+        on, off = t[f"p{p}_on"], t[f"p{p}_off"]
+        rows.append(f"{prefix}| budgeted p={p} | {on:.1f} (gain {t['full_on'] / on:.2f}x) | "
+                    f"{off:.1f} (gain {t['full_off'] / off:.2f}x) | {off / on:.2f}x |")
+    return rows
+
+
 def vgg16_cifar(num_classes: int = 100) -> nn.Module:
     """VGG-16 with BN for 32x32 inputs (13 3x3 convs in the cfg-D plan, 5 max-pools, one Linear 512 -> classes)."""
     plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]

@@ -51,11 +51,7 @@ def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
     t = eet.measure_switch_ab("msdnet_cifar", VAR, batch, reps, priors)
     print(f"\nmsdnet_cifar, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
     print("| run | fused: ms | not fused: ms | speedup |\n|---|---|---|---|")
-    print(f"| all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |")
-    for p in priors:
-        on, off = t[f"p{p}_on"], t[f"p{p}_off"]
-        print(f"| budgeted p={p} | {on:.1f} (gain {t['full_on'] / on:.2f}x) | {off:.1f} (gain {t['full_off'] / off:.2f}x) "
-              f"| {off / on:.2f}x |")
+    print("\n".join(eet.switch_ab_rows(t, priors)))
 
 
 def main():

@@ -50,11 +50,7 @@ def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
     print("| model | run | prefetch: ms | no prefetch: ms | speedup |\n|---|---|---|---|---|")
     for name in ("msdnet_cifar", "ranet_cifar"):
         t = eet.measure_switch_ab(name, VAR, batch, reps, priors)
-        print(f"| {name} | all exits | {t['full_on']:.1f} | {t['full_off']:.1f} | {t['full_off'] / t['full_on']:.2f}x |")
-        for p in priors:
-            on, off = t[f"p{p}_on"], t[f"p{p}_off"]
-            print(f"| {name} | budgeted p={p} | {on:.1f} (gain {t['full_on'] / on:.2f}x) | "
-                  f"{off:.1f} (gain {t['full_off'] / off:.2f}x) | {off / on:.2f}x |")
+        print("\n".join(eet.switch_ab_rows(t, priors, prefix=f"| {name} ")))
 
 
 def main():
