@@ -99,8 +99,8 @@ def test_conv2d_into_matches_reference(cfg, dtype, device):
 
 
 def _small_cout_configs(n, seed=11):
-    """At most 8 output channels per group (the CPU kernel's fused small-channel path, float32 on AVX2): rows wide
-    enough for several 8-pixel segments and a tail, every stride / padding / dilation mix that leaves border
+    """At most 8 output channels per group (the CPU kernel's fused small-channel path, float32 on AVX2, and its
+    planar one on AVX-512): rows wide enough for several 8-pixel segments (16-pixel vectors) and a tail, every stride / padding / dilation mix that leaves border
     pixels on either side, groups, and a concat slice with neighbours on both sides."""
     rng = random.Random(seed)
     out = []
@@ -115,7 +115,7 @@ def _small_cout_configs(n, seed=11):
     return out
 
 
-@pytest.mark.parametrize("cfg", _small_cout_configs(24), ids=lambda c: c["id"])
+@pytest.mark.parametrize("cfg", _small_cout_configs(32), ids=lambda c: c["id"])
 def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
     g = torch.Generator().manual_seed(0)
     n, cin, cout = cfg["n"], cfg["cg"] * cfg["groups"], cfg["cog"] * cfg["groups"]
@@ -131,7 +131,10 @@ def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
     ref = {None: ref, "relu": ref.relu(), "relu6": ref.clamp(0, 6)}[cfg["act"]]
     lo, hi = cfg["lo"], cfg["hi"]
     results = {}
-    for fused in ("1", "0"):  # the fused path and the general implicit GEMM must agree
+    # The planar path (AVX-512, one group, <= 8 channels, K > 1, dilation 1), the fused path and the general
+    # implicit GEMM must agree; where a path does not cover the shape the next one runs.
+    for path, (planar, fused) in {"planar": ("1", "1"), "fused": ("0", "1"), "gemm": ("0", "0")}.items():
+        monkeypatch.setenv("DYNCONV_EXT_PLANAR_NARROW", planar)
         monkeypatch.setenv("DYNCONV_EXT_FUSED_NARROW", fused)
         out = torch.randn(n, lo + cout + hi, *ref.shape[-2:], generator=torch.Generator().manual_seed(1))
         out = out.contiguous(memory_format=torch.channels_last)
@@ -140,8 +143,9 @@ def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
                     activation=cfg["act"])
         torch.testing.assert_close(out[:, lo:lo + cout].double(), ref, rtol=1e-4, atol=1e-4, equal_nan=True)
         assert torch.equal(out[:, :lo], before[:, :lo]) and torch.equal(out[:, lo + cout:], before[:, lo + cout:])
-        results[fused] = out
-    torch.testing.assert_close(results["1"], results["0"], rtol=1e-5, atol=1e-5, equal_nan=True)
+        results[path] = out
+    for path in ("planar", "fused"):
+        torch.testing.assert_close(results[path], results["gemm"], rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)

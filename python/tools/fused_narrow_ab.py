@@ -24,16 +24,12 @@ LAYERS = [(58, 6, 1, 1, 32, 64), (22, 6, 1, 1, 32, 64), (6, 6, 3, 1, 32, 64), (6
           (12, 6, 3, 1, 16, 48), (100, 24, 1, 1, 16, 160), (24, 12, 3, 2, 16, 160), (48, 12, 3, 1, 8, 300)]
 
 
-def with_setting(fn, on: bool):
-    return with_env_switch(fn, VAR, on)
-
-
-def layer_table(reps: int, batch: int):
+def layer_table(reps: int, batch: int, var: str = VAR, layers=LAYERS, names=("fused", "not fused")):
     g = torch.Generator().manual_seed(0)
     print(f"\nconv2d_into, batch {batch}, into a channel slice of a channels-last buffer, ReLU")
-    print("| C_in | C_out | k | stride | H | fused: ms | GMAC/s | not fused: ms | GMAC/s | speedup |")
+    print(f"| C_in | C_out | k | stride | H | {names[0]}: ms | GMAC/s | {names[1]}: ms | GMAC/s | speedup |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for cin, cout, k, s, h, cap in LAYERS:
+    for cin, cout, k, s, h, cap in layers:
         ho = (h + 2 * (k // 2) - k) // s + 1
         x = torch.randn(batch, cin, h, h, generator=g).contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
@@ -41,16 +37,18 @@ def layer_table(reps: int, batch: int):
         off = cap - cout
         call = (lambda x=x, w=w, b=b, out=out, off=off, s=s, k=k:
                 conv2d_into(x, w, b, out, off, s, k // 2, activation="relu"))
-        t = interleaved_medians({"on": with_setting(call, True), "off": with_setting(call, False)}, reps=reps)
+        t = interleaved_medians({"on": with_env_switch(call, var, True), "off": with_env_switch(call, var, False)},
+                                reps=reps)
         macs = batch * ho * ho * cout * cin * k * k / 1e9
         print(f"| {cin} | {cout} | {k} | {s} | {h} | {t['on']:.2f} | {macs / t['on'] * 1e3:.1f} | {t['off']:.2f} | "
               f"{macs / t['off'] * 1e3:.1f} | {t['off'] / t['on']:.2f}x |")
 
 
-def model_table(reps: int, batch: int, priors=(0.5, 1.0)):
-    t = eet.measure_switch_ab("msdnet_cifar", VAR, batch, reps, priors)
-    print(f"\nmsdnet_cifar, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
-    print("| run | fused: ms | not fused: ms | speedup |\n|---|---|---|---|")
+def model_table(reps: int, batch: int, priors=(0.5, 1.0), var: str = VAR, names=("fused", "not fused"),
+                model: str = "msdnet_cifar"):
+    t = eet.measure_switch_ab(model, var, batch, reps, priors)
+    print(f"\n{model}, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
+    print(f"| run | {names[0]}: ms | {names[1]}: ms | speedup |\n|---|---|---|---|")
     print("\n".join(eet.switch_ab_rows(t, priors)))
 
 
