@@ -185,7 +185,7 @@ void planar_rows(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, i
   for (int64_t kw = 0; kw < s.KW; ++kw) kw_off[kw] = (kw % s.SW) * len + kw / s.SW;
   const int64_t rows_total = s.N * s.Ho;
   const char* pf = std::getenv("DYNCONV_EXT_FUSED_PREFETCH");  // the fused path's switch (conv_rows_forward.h)
-  const bool prefetch_out = !(pf && pf[0] == '0');
+  const bool prefetch = !(pf && pf[0] == '0');
   const std::vector<float> zero_row(static_cast<size_t>(s.C * plane + kLanes), 0.0f);
   // Contiguous runs of output rows per thread, so consecutive rows reuse KH - SH of their staged input rows.
   const int64_t grain = std::max<int64_t>(1, ceil_div(rows_total, 4 * std::max(at::get_num_threads(), 1)));
@@ -199,7 +199,18 @@ void planar_rows(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, i
         rows[kh] = hi < 0 || hi >= s.H ? zero_row.data() : stage_row(s, st, x, xsN, xsH, xsW, n, hi);
       }
       float* orow = out + n * osN + ho * osH;
-      if (prefetch_out && osW > s.Co && nh + 1 < e) {
+      if (prefetch && nh + 1 < e) {
+        // The input rows the next output row stages and this one does not: the gathers wait on every line they
+        // touch (one 16-pixel gather at stride 2 spans 12 lines of a 6-channel row), the prefetcher does not.
+        const int64_t n1 = (nh + 1) / s.Ho, r0 = ((nh + 1) % s.Ho) * s.SH - s.PH;
+        for (int64_t r = std::max(r0, r0 + s.KH - s.SH); r < r0 + s.KH; ++r) {
+          if (r < 0 || r >= s.H) continue;
+          const char* row = reinterpret_cast<const char*>(x + n1 * xsN + r * xsH);
+          const int64_t bytes = ((s.W - 1) * xsW + s.C) * static_cast<int64_t>(sizeof(float));
+          for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o);
+        }
+      }
+      if (prefetch && osW > s.Co && nh + 1 < e) {
         // A channel slice of a wider buffer: a few channels per output cache line, each store a read for
         // ownership. The next row's lines, for writing, while this row computes (as the fused path does).
         const int64_t n1 = (nh + 1) / s.Ho, ho1 = (nh + 1) % s.Ho;
