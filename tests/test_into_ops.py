@@ -148,6 +148,23 @@ def test_conv2d_into_small_cout_fused_path(cfg, monkeypatch):
         torch.testing.assert_close(results[path], results["gemm"], rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("shape", [(64, 8, 3, 1, 1, 5, 100), (7, 7, 5, 2, 2, 6, 67), (6, 6, 3, 3, 0, 9, 50),
+                                   (2, 1, 2, 1, 1, 4, 33)], ids=lambda t: "c{}-{}k{}s{}p{}-{}x{}".format(*t))
+def test_conv2d_into_planar_wide_rows(shape, monkeypatch):
+    """Rows of several 32-pixel blocks plus a 16-pixel tail, many input channels, stride 2 and 3 (column phases),
+    padding wider than the stride: the planar path (where AVX-512 runs it) against float64 F.conv2d."""
+    cin, cout, k, stride, pad, h, w = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cin + 3, h, w, generator=g).contiguous(memory_format=torch.channels_last)[:, :cin]
+    wt, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+    ref = F.conv2d(x.double(), wt.double(), b.double(), stride, pad).clamp(0, 6)
+    monkeypatch.setenv("DYNCONV_EXT_PLANAR_NARROW", "1")
+    out = torch.full((2, cout + 4, *ref.shape[-2:]), 7.0).contiguous(memory_format=torch.channels_last)
+    conv2d_into(x, wt, b, out, 2, stride, pad, activation="relu6")
+    torch.testing.assert_close(out[:, 2:2 + cout].double(), ref, rtol=1e-4, atol=1e-4)
+    assert (out[:, :2] == 7).all() and (out[:, 2 + cout:] == 7).all()
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[c["id"] for c in CONV_CONFIGS])
