@@ -4,7 +4,9 @@
 
 Dense convolutions with at most 32 output channels per group (conv2d_into: MSDNet's and RANet's growth and
 bottleneck layers) take forward_dense_fused unless DYNCONV_EXT_FUSED_NARROW=0; the variable is read on every call, so
-each candidate sets it before it runs and both settings share one process and one machine state. Prints the
+each candidate sets it before it runs and both settings share one process and one machine state. On AVX-512
+CPUs the KxK convs to <= 8 channels take the planar path under both settings (planar_narrow_ab.py compares
+that one; run with DYNCONV_EXT_PLANAR_NARROW=0 to put them back on the fused path here). Prints the
 MSDNet CIFAR layer shapes that dominate its fine scale (batch 256, written into a channel slice of a wider
 channels-last buffer, ReLU), then the whole network and its budgeted-batch runner.
 """
