@@ -100,8 +100,9 @@ def test_conv2d_into_matches_reference(cfg, dtype, device):
 
 def _small_cout_configs(n, seed=11):
     """At most 8 output channels per group (the CPU kernel's fused small-channel path, float32 on AVX2, and its
-    planar one on AVX-512): rows wide enough for several 8-pixel segments (16-pixel vectors) and a tail, every stride / padding / dilation mix that leaves border
-    pixels on either side, groups, and a concat slice with neighbours on both sides."""
+    planar one on AVX-512): rows wide enough for several 8-pixel segments (16-pixel vectors) and a tail, every
+    stride / padding / dilation mix that leaves border pixels on either side, groups, and a concat slice with
+    neighbours on both sides."""
     rng = random.Random(seed)
     out = []
     for i in range(n):

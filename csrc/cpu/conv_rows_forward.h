@@ -652,8 +652,12 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
     // KxK (K > 1) to <= 8 channels: pixels in the vector lanes (planar_narrow.h). 1x1 convs stay on the fused
     // path: there the planar copy of the input is amortized over Co MACs per value only (0.53-0.78x measured).
     if (!rows && !zero_mask && !add && ov.sC == 1 && s.taps() > 1 && planar_narrow_enabled() &&
-        planar_narrow_supported(s, iv.sW, ov.sW)) {
-      forward_planar_narrow(s, x, iv.sN, iv.sH, iv.sW, weight, bias, out, ov.sN, ov.sH, ov.sW, act);
+        planar_narrow_supported(s, iv.sW)) {
+      // One Co-wide panel of the shared packing (and its cache entry for marked-constant weights).
+      const at::Tensor wpack = cached_packing(weight, s.Co, s.G, /*kind=*/0,
+                                              [&] { return pack_weight_panels<float>(s, weight, s.Co); });
+      forward_planar_narrow(s, x, iv.sN, iv.sH, iv.sW, wpack.data_ptr<float>(), bias, out, ov.sN, ov.sH, ov.sW, act,
+                            fused_prefetch_enabled());
       return;
     }
     if (!rows && !zero_mask && s.Cog > kNR8 && s.Cog <= kFusedMaxCog512 && ov.sC == 1 && tile_gemm_uses_avx512() &&

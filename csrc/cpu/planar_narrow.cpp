@@ -4,11 +4,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-#include "packed_weights.h"
 #include "tile_gemm.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -22,15 +19,15 @@ namespace {
 constexpr int64_t kLanes = 16;
 }
 
-bool planar_narrow_supported(const ConvShape& s, int64_t xsW, int64_t osW) {
+bool planar_narrow_supported(const ConvShape& s, int64_t xsW) {
 #ifdef DYNCONV_PLANAR_X86
-  // The gathers and scatters index one input / output row in int32.
+  // The gathers index one input row in int32.
   const int64_t reach = (s.W + s.KW + 2 * kLanes) * s.SW + s.PW;
-  if (reach * xsW >= (int64_t(1) << 31) || 2 * kLanes * osW >= (int64_t(1) << 31)) return false;
+  if (reach * xsW >= (int64_t(1) << 31)) return false;
   return s.G == 1 && s.Co >= 1 && s.Co <= kPlanarMaxCo && s.DH == 1 && s.DW == 1 && tile_gemm_uses_avx512() &&
          __builtin_cpu_supports("avx512vl");
 #else
-  (void)s, (void)xsW, (void)osW;
+  (void)s, (void)xsW;
   return false;
 #endif
 }
@@ -41,12 +38,12 @@ namespace {
 // One thread's staged input rows. Row slot r holds, for input channel c and column phase p (p < SW), the padded
 // input columns q = j * SW + p (q - PW the input column; zero outside the input) at plane(r, c, p)[j], j < len.
 struct StagedRows {
-  int64_t C, SW, len, slots;
+  int64_t C, SW, len;
   std::vector<float> buf;  // slots x C x SW x len, zero where a column falls outside the input (written once)
   std::vector<int64_t> img, row;
 
   StagedRows(const ConvShape& s, int64_t len_)
-      : C(s.C), SW(s.SW), len(len_), slots(s.KH), buf(static_cast<size_t>(s.KH * s.C * s.SW * len_ + kLanes), 0.0f),
+      : C(s.C), SW(s.SW), len(len_), buf(static_cast<size_t>(s.KH * s.C * s.SW * len_ + kLanes), 0.0f),
         img(static_cast<size_t>(s.KH), -1), row(static_cast<size_t>(s.KH), -1) {}
   float* slot(int64_t r) { return buf.data() + r * C * SW * len; }
 };
@@ -83,8 +80,9 @@ __attribute__((target("avx512f"))) const float* stage_row(const ConvShape& s, St
   return d;
 }
 
-// acc[co][v] = sum over channels c, taps (kh, kw) of wk[((c*KH + kh)*KW + kw)*CO + co] * the NV pixel vectors that
-// output pixels w0 .. w0 + 16*NV - 1 read: rows[kh] + c*plane + w0 + kw_off[kw], kw_off[kw] = (kw % SW)*len + kw / SW.
+// acc[co][v] = sum over taps t = kh*KW + kw and channels c of wk[(t*C + c)*CO + co] (pack_weight_panels' layout for
+// one CO-wide panel) * the NV pixel vectors that output pixels w0 .. w0 + 16*NV - 1 read:
+// rows[kh] + c*plane + w0 + kw_off[kw], kw_off[kw] = (kw % SW)*len + kw / SW.
 template <int CO, int NV>
 __attribute__((target("avx512f"), always_inline)) inline void planar_accumulate(
     const ConvShape& s, const float* const* rows, int64_t plane, const int64_t* kw_off, int64_t w0,
@@ -93,11 +91,11 @@ __attribute__((target("avx512f"), always_inline)) inline void planar_accumulate(
   for (int co = 0; co < CO; ++co)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[co][v] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < s.C; ++c) {
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const float* r = rows[kh] + c * plane + w0;
-      for (int64_t kw = 0; kw < s.KW; ++kw, wk += CO) {
-        const float* src = r + kw_off[kw];
+  for (int64_t kh = 0; kh < s.KH; ++kh) {
+    for (int64_t kw = 0; kw < s.KW; ++kw) {
+      const float* r = rows[kh] + w0 + kw_off[kw];
+      for (int64_t c = 0; c < s.C; ++c, wk += CO) {
+        const float* src = r + c * plane;
         __m512 xv[NV];
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(src + v * kLanes);
@@ -177,15 +175,13 @@ __attribute__((target("avx512f,avx512vl"))) void planar_block(const ConvShape& s
 
 template <int CO>
 void planar_rows(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, int64_t xsW, const float* wk,
-                 const float* bias, float* out, int64_t osN, int64_t osH, int64_t osW, int act) {
+                 const float* bias, float* out, int64_t osN, int64_t osH, int64_t osW, int act, bool prefetch) {
   // Staged columns per phase: the last block's vector reads reach j = ceil16(Wo) - 1 + (KW - 1) / SW.
   const int64_t len = ceil_div(ceil_div(s.Wo, kLanes) * kLanes + (s.KW - 1) / s.SW, kLanes) * kLanes;
   const int64_t plane = s.SW * len;
   std::vector<int64_t> kw_off(static_cast<size_t>(s.KW));
   for (int64_t kw = 0; kw < s.KW; ++kw) kw_off[kw] = (kw % s.SW) * len + kw / s.SW;
   const int64_t rows_total = s.N * s.Ho;
-  const char* pf = std::getenv("DYNCONV_EXT_FUSED_PREFETCH");  // the fused path's switch (conv_rows_forward.h)
-  const bool prefetch = !(pf && pf[0] == '0');
   const std::vector<float> zero_row(static_cast<size_t>(s.C * plane + kLanes), 0.0f);
   // Contiguous runs of output rows per thread, so consecutive rows reuse KH - SH of their staged input rows.
   const int64_t grain = std::max<int64_t>(1, ceil_div(rows_total, 4 * std::max(at::get_num_threads(), 1)));
@@ -200,22 +196,21 @@ void planar_rows(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, i
       }
       float* orow = out + n * osN + ho * osH;
       if (prefetch && nh + 1 < e) {
+        const int64_t n1 = (nh + 1) / s.Ho, ho1 = (nh + 1) % s.Ho, r0 = ho1 * s.SH - s.PH;
         // The input rows the next output row stages and this one does not: the gathers wait on every line they
         // touch (one 16-pixel gather at stride 2 spans 12 lines of a 6-channel row), the prefetcher does not.
-        const int64_t n1 = (nh + 1) / s.Ho, r0 = ((nh + 1) % s.Ho) * s.SH - s.PH;
         for (int64_t r = std::max(r0, r0 + s.KH - s.SH); r < r0 + s.KH; ++r) {
           if (r < 0 || r >= s.H) continue;
           const char* row = reinterpret_cast<const char*>(x + n1 * xsN + r * xsH);
           const int64_t bytes = ((s.W - 1) * xsW + s.C) * static_cast<int64_t>(sizeof(float));
           for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o);
         }
-      }
-      if (prefetch && osW > s.Co && nh + 1 < e) {
         // A channel slice of a wider buffer: a few channels per output cache line, each store a read for
         // ownership. The next row's lines, for writing, while this row computes (as the fused path does).
-        const int64_t n1 = (nh + 1) / s.Ho, ho1 = (nh + 1) % s.Ho;
-        const float* next = out + n1 * osN + ho1 * osH;
-        for (int64_t wo = 0; wo < s.Wo; ++wo) __builtin_prefetch(next + wo * osW, 1);
+        if (osW > s.Co) {
+          const float* next = out + n1 * osN + ho1 * osH;
+          for (int64_t wo = 0; wo < s.Wo; ++wo) __builtin_prefetch(next + wo * osW, 1);
+        }
       }
       int64_t w0 = 0;
       for (; w0 + 2 * kLanes <= s.Wo; w0 += 2 * kLanes)
@@ -230,25 +225,12 @@ void planar_rows(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, i
 }  // namespace
 
 void forward_planar_narrow(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, int64_t xsW,
-                           const at::Tensor& weight, const float* bias, float* out, int64_t osN, int64_t osH,
-                           int64_t osW, int act) {
-  // Weights as [c][kh][kw][co]: the Co weights of one (channel, tap) are adjacent, broadcast one by one. Kept in
-  // the packed-weight cache for marked-constant weights (layout kind 3: this path's).
-  const at::Tensor wk_t = cached_packing(weight, s.Co, 1, /*kind=*/3, [&] {
-    const at::Tensor wc = weight.contiguous();
-    const float* w = wc.data_ptr<float>();
-    const int64_t k_all = s.C * s.KH * s.KW;
-    at::Tensor packed = at::empty({k_all * s.Co}, wc.options());
-    float* d = packed.data_ptr<float>();
-    for (int64_t co = 0; co < s.Co; ++co)
-      for (int64_t k = 0; k < k_all; ++k) d[k * s.Co + co] = w[co * k_all + k];
-    return packed;
-  });
-  const float* wk = wk_t.data_ptr<float>();
+                           const float* wk, const float* bias, float* out, int64_t osN, int64_t osH, int64_t osW,
+                           int act, bool prefetch) {
   switch (s.Co) {
 #define DYNCONV_PLANAR_CASE(n) \
   case n:                      \
-    return planar_rows<n>(s, x, xsN, xsH, xsW, wk, bias, out, osN, osH, osW, act);
+    return planar_rows<n>(s, x, xsN, xsH, xsW, wk, bias, out, osN, osH, osW, act, prefetch);
     DYNCONV_PLANAR_CASE(1) DYNCONV_PLANAR_CASE(2) DYNCONV_PLANAR_CASE(3) DYNCONV_PLANAR_CASE(4)
     DYNCONV_PLANAR_CASE(5) DYNCONV_PLANAR_CASE(6) DYNCONV_PLANAR_CASE(7) DYNCONV_PLANAR_CASE(8)
 #undef DYNCONV_PLANAR_CASE
@@ -257,8 +239,8 @@ void forward_planar_narrow(const ConvShape& s, const float* x, int64_t xsN, int6
   }
 }
 #else
-void forward_planar_narrow(const ConvShape&, const float*, int64_t, int64_t, int64_t, const at::Tensor&,
-                           const float*, float*, int64_t, int64_t, int64_t, int) {
+void forward_planar_narrow(const ConvShape&, const float*, int64_t, int64_t, int64_t, const float*, const float*,
+                           float*, int64_t, int64_t, int64_t, int, bool) {
   TORCH_CHECK(false, "forward_planar_narrow: needs an x86-64 CPU with AVX-512");
 }
 #endif

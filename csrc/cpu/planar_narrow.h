@@ -9,8 +9,6 @@
 // transposing epilogue (bias, activation).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cstdint>
 
 #include "../conv_shape.h"
@@ -21,15 +19,16 @@ namespace dynconv::cpu {
 constexpr int64_t kPlanarMaxCo = 8;
 
 // True when forward_planar_narrow covers the shape on this CPU: float, AVX-512, one group, <= kPlanarMaxCo output
-// channels, dilation 1, input / output pixel strides xsW / osW small enough for 32-bit gather indices.
-bool planar_narrow_supported(const ConvShape& s, int64_t xsW, int64_t osW);
+// channels, dilation 1, an input pixel stride xsW small enough for 32-bit gather indices.
+bool planar_narrow_supported(const ConvShape& s, int64_t xsW);
 
 // out(n, ho, wo, c) = sum over channels and taps, for every output pixel; x(n, h, w, c) = x[n*xsN + h*xsH +
-// w*xsW + c] and out(n, ho, wo, c) = out[n*osN + ho*osH + wo*osW + c]. weight is [Co, C, KH, KW] float,
-// bias Co values or nullptr, act 0 none / 1 ReLU / 2 ReLU6 (after the bias). Only where
-// planar_narrow_supported(s, xsW, osW).
+// w*xsW + c] and out(n, ho, wo, c) = out[n*osN + ho*osH + wo*osW + c]. wk: the weights packed by
+// pack_weight_panels(s, weight, Co) (one Co-wide panel), bias Co values or nullptr, act 0 none / 1 ReLU / 2 ReLU6
+// (after the bias), prefetch: software prefetch of the next row's input rows and output lines (the fused path's
+// switch). Only where planar_narrow_supported(s, xsW).
 void forward_planar_narrow(const ConvShape& s, const float* x, int64_t xsN, int64_t xsH, int64_t xsW,
-                           const at::Tensor& weight, const float* bias, float* out, int64_t osN, int64_t osH,
-                           int64_t osW, int act);
+                           const float* wk, const float* bias, float* out, int64_t osN, int64_t osH, int64_t osW,
+                           int act, bool prefetch);
 
 }  // namespace dynconv::cpu

@@ -5,17 +5,29 @@ output buffers of 6, 16 and 64 channels (the layer's 6 channels at the end), and
     python python/tools/concat_write_cost.py
 """
 import torch
+
 from dynconv_ext.ops import conv2d_into
 from dynconv_ext.profile.timing import interleaved_medians
-torch.manual_seed(0)
-N=256
-x=torch.randn(N,6,32,32).contiguous(memory_format=torch.channels_last); w=torch.randn(6,6,3,3); b=torch.randn(6)
-fns={}
-for cap in (6,16,64):
-    o=torch.zeros(N,cap,32,32).contiguous(memory_format=torch.channels_last)
-    fns[f"buffer {cap} ch"]=(lambda o=o,cap=cap: conv2d_into(x,w,b,o,cap-6,1,1,activation="relu"))
-for n in (32,):
-    xs=x[:n].contiguous(memory_format=torch.channels_last); o=torch.zeros(n,64,32,32).contiguous(memory_format=torch.channels_last)
-    fns["batch 32 x8, 64 ch"]=(lambda xs=xs,o=o: [conv2d_into(xs,w,b,o,58,1,1,activation="relu") for _ in range(8)])
-t=interleaved_medians(fns,reps=11)
-for k,v in t.items(): print(f"{k}: {v:.2f} ms")
+
+
+def channels_last_zeros(*shape):
+    return torch.zeros(*shape).contiguous(memory_format=torch.channels_last)
+
+
+def main():
+    torch.manual_seed(0)
+    x = torch.randn(256, 6, 32, 32).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
+    fns = {}
+    for cap in (6, 16, 64):
+        out = channels_last_zeros(256, cap, 32, 32)
+        fns[f"buffer {cap} ch"] = lambda out=out, cap=cap: conv2d_into(x, w, b, out, cap - 6, 1, 1, activation="relu")
+    chunk, chunk_out = x[:32].contiguous(memory_format=torch.channels_last), channels_last_zeros(32, 64, 32, 32)
+    fns["batch 32 x8, 64 ch"] = lambda: [conv2d_into(chunk, w, b, chunk_out, 58, 1, 1, activation="relu")
+                                         for _ in range(8)]
+    for name, ms in interleaved_medians(fns, reps=11).items():
+        print(f"{name}: {ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,10 +46,9 @@ def layer_table(reps: int, batch: int, var: str = VAR, layers=LAYERS, names=("fu
               f"{macs / t['off'] * 1e3:.1f} | {t['off'] / t['on']:.2f}x |")
 
 
-def model_table(reps: int, batch: int, priors=(0.5, 1.0), var: str = VAR, names=("fused", "not fused"),
-                model: str = "msdnet_cifar"):
-    t = eet.measure_switch_ab(model, var, batch, reps, priors)
-    print(f"\n{model}, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
+def model_table(reps: int, batch: int, priors=(0.5, 1.0), var: str = VAR, names=("fused", "not fused")):
+    t = eet.measure_switch_ab("msdnet_cifar", var, batch, reps, priors)
+    print(f"\nmsdnet_cifar, batch {batch}: all exits and budgeted batch (gain = all exits / budgeted, same setting)")
     print(f"| run | {names[0]}: ms | {names[1]}: ms | speedup |\n|---|---|---|---|")
     print("\n".join(eet.switch_ab_rows(t, priors)))
 
