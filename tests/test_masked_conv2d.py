@@ -388,6 +388,7 @@ def test_large_output_streaming_stores(activation, groups):
     m = torch.rand(1, 128, 128) < 0.3
     m[0, 0, :5] = False  # a leading gap
     m[0, -1, -7:] = False  # a trailing gap
+    m[0, 10, :] = m[0, 11, :40] = False  # a gap longer than the blocks zero while they compute (64 pixels)
     for zero in (True, False):
         torch.empty(64 * 128 * 128).fill_(float("nan"))
         out = masked_conv2d(x, w, b, m, groups=groups, activation=activation, backend="cpp", zero_inactive=zero)
@@ -407,3 +408,25 @@ def test_large_output_streaming_stores(activation, groups):
     m_nan[0, 5, 5] = True
     out = masked_conv2d(x_nan, w, b, m_nan, groups=groups, activation=activation, backend="cpp")
     assert torch.isnan(out[0, :, 5, 5]).all()
+
+
+@pytest.mark.parametrize("zero_in_kernel", ["1", "0"])
+@pytest.mark.parametrize("density", [0.1, 0.5])
+def test_large_output_zero_gaps_3x3(monkeypatch, zero_in_kernel, density):
+    # With streaming stores the 6x64 block zeroes the inactive pixels before its rows a share per tap while it
+    # computes (DYNCONV_EXT_ZERO_IN_KERNEL=0: before each macro block); a 3x3 conv spreads them over 9 taps.
+    # 1 x 64 x 128 x 128 float output = 4 MiB; memory is filled with NaN first so a pixel left unwritten shows.
+    monkeypatch.setenv("DYNCONV_EXT_ZERO_IN_KERNEL", zero_in_kernel)
+    torch.manual_seed(5)
+    x = torch.randn(1, 64, 128, 128).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 64, 3, 3) * 0.1, torch.randn(64)
+    m = torch.rand(1, 128, 128) < density
+    m[0, 0, :3] = False
+    m[0, 20, 100:] = m[0, 21, :] = False  # a gap of 156 pixels, zeroed apart from the blocks
+    m[0, -1, -1] = False
+    torch.empty(64 * 128 * 128).fill_(float("nan"))
+    out = masked_conv2d(x, w, b, m, 1, 1, backend="cpp")
+    ref = F.conv2d(x, w, b, 1, 1)
+    sel = m[:, None].expand_as(out)
+    torch.testing.assert_close(out[sel], ref[sel], rtol=1e-4, atol=1e-4)
+    assert torch.all(out[~sel] == 0)

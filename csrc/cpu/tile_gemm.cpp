@@ -309,9 +309,41 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 // are fully unrolled into registers (no stack traffic in the loop: objdump).
 // PF > 0: software-prefetch B PF reduction steps ahead (for panels that do not fit in L1; see tile_gemm.h).
 constexpr int kPrefetchSteps = 4;
-template <int MR, int NV, int PF, typename RowAt>
+struct NoTapWork {
+  void operator()() const {}
+};
+// Zeroes RowStore's zero ranges a tap's share at a time (zmm_store_impl).
+struct ZeroFeed {
+  const RowStore& st;
+  int64_t per_tap = 0, left = 0;
+  int q = 0;
+  float* zp = nullptr;
+  ZeroFeed(const RowStore& s, int64_t ntaps) : st(s), left(s.zero_len[0] / 16), zp(s.zero_ptr[0]) {
+    int64_t total = 0;
+    for (int i = 0; i < s.zero_ranges; ++i) total += s.zero_len[i];
+    per_tap = (total / 16 + ntaps - 1) / ntaps;
+  }
+  __attribute__((target("avx512f"), always_inline)) inline void operator()() {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t nvec = per_tap; nvec > 0 && q < st.zero_ranges;) {
+      if (left == 0) {
+        if (++q == st.zero_ranges) break;
+        zp = st.zero_ptr[q];
+        left = st.zero_len[q] / 16;
+        continue;
+      }
+      const int64_t c = std::min(nvec, left);
+      for (int64_t j = 0; j < c; ++j) _mm512_stream_ps(zp + 16 * j, zero);
+      zp += 16 * c;
+      left -= c;
+      nvec -= c;
+    }
+  }
+};
+template <int MR, int NV, int PF, typename RowAt, typename OnTap = NoTapWork>
 __attribute__((target("avx512f"), always_inline)) inline void zmm_accumulate(int64_t ntaps, int64_t cg, RowAt row,
-                                                                            const float* b, __m512 (&acc)[MR][NV]) {
+                                                                            const float* b, __m512 (&acc)[MR][NV],
+                                                                            OnTap&& on_tap = OnTap{}) {
   constexpr int64_t NR = 16 * NV;
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -321,6 +353,7 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_accumulate(int
     const float* a[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a[i] = row(t, i);
+    on_tap();
     for (int64_t k = 0; k < cg; ++k, b += NR) {
       __m512 bv[NV];
       if constexpr (PF > 0) {
@@ -371,7 +404,14 @@ template <int MR, int NV, typename RowAt, int PF = 0>
 __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int64_t ntaps, int64_t cg, RowAt row,
                                                                             const float* b, const RowStore& st) {
   __m512 acc[MR][NV];
-  zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc);
+  if (st.zero_ranges > 0) {
+    // Spread the zero stores of st's ranges evenly over the taps, so they drain to memory while the FMAs run
+    // instead of stalling the core in one burst.
+    ZeroFeed feed(st, ntaps);
+    zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc, feed);
+  } else {
+    zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc);
+  }
   __mmask16 mk[NV];
   __m512 bias[NV];
   const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);

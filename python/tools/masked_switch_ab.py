@@ -8,6 +8,8 @@ The switches are read on every call, so both settings share one process:
                                from L2 once per 6- or 8-row block)
   DYNCONV_EXT_FUSED_EPILOGUE   those blocks store their rows from the registers (bias, residual, activation,
                                streaming stores) instead of through a C tile and an epilogue pass
+  DYNCONV_EXT_ZERO_IN_KERNEL   those blocks zero the inactive pixels before their rows a share per tap while they
+                               compute, instead of before each macro block in one burst
 Prints masked_conv2d (backend="cpp", random pixel masks) both ways on the ResNet layer shapes.
 """
 import argparse
