@@ -329,10 +329,12 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
                       s.Cog * sizeof(T) % 64 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
                       s.out_pixels() * s.Co * static_cast<int64_t>(sizeof(T)) >= kStreamOutputBytes &&
                       stream_stores_enabled();
-  // The zero gaps between active rows are written by the fused blocks themselves, a share after each tap of their
-  // reduction (zmm_store_impl), so the streaming stores drain while the FMAs run instead of stalling the core in a
-  // burst before each macro block. One process, interleaved, 2-core AVX-512 Xeon, 3x3 64ch 56x56 batch 8
-  // (python python/tools/masked_switch_ab.py): 1.03-1.05x at densities 0.1-0.5, neutral at 1.0.
+  // The zero gaps between active rows are written by the fused blocks themselves, a share every 16 reduction steps
+  // (zmm_store_impl), so the streaming stores drain while the FMAs run instead of stalling the core in a burst
+  // before each macro block. One process, interleaved, 2-core AVX-512 Xeon, batch 8, 4 runs
+  // (python python/tools/masked_switch_ab.py --var DYNCONV_EXT_ZERO_IN_KERNEL, zero_in_kernel_ab_cpu_xeon.md):
+  // 3x3 64ch 56x56 1.07-1.11x at density 0.1, 1.01-1.04x at 0.25, 0.99-1.00x at 0.5; 1x1 1.03-1.14x; outputs
+  // under 4 MiB (no streaming stores) are not affected.
   // DYNCONV_EXT_ZERO_IN_KERNEL=0 (read per call) zeroes them before each macro block instead.
   const bool zero_in_kernel = FusedEpilogue<T, Blk>::kAvailable && zero_gaps && stream &&
                               env_switch_on("DYNCONV_EXT_ZERO_IN_KERNEL");

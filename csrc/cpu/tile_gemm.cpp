@@ -309,6 +309,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void block16_store_imp
 // are fully unrolled into registers (no stack traffic in the loop: objdump).
 // PF > 0: software-prefetch B PF reduction steps ahead (for panels that do not fit in L1; see tile_gemm.h).
 constexpr int kPrefetchSteps = 4;
+constexpr int64_t kFeedSteps = 16;
 struct NoTapWork {
   void operator()() const {}
 };
@@ -318,10 +319,10 @@ struct ZeroFeed {
   int64_t per_tap = 0, left = 0;
   int q = 0;
   float* zp = nullptr;
-  ZeroFeed(const RowStore& s, int64_t ntaps) : st(s), left(s.zero_len[0] / 16), zp(s.zero_ptr[0]) {
+  ZeroFeed(const RowStore& s, int64_t calls) : st(s), left(s.zero_len[0] / 16), zp(s.zero_ptr[0]) {
     int64_t total = 0;
     for (int i = 0; i < s.zero_ranges; ++i) total += s.zero_len[i];
-    per_tap = (total / 16 + ntaps - 1) / ntaps;
+    per_tap = (total / 16 + calls - 1) / calls;
   }
   __attribute__((target("avx512f"), always_inline)) inline void operator()() {
     const __m512 zero = _mm512_setzero_ps();
@@ -353,20 +354,24 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_accumulate(int
     const float* a[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a[i] = row(t, i);
-    on_tap();
-    for (int64_t k = 0; k < cg; ++k, b += NR) {
-      __m512 bv[NV];
-      if constexpr (PF > 0) {
+    // on_tap every kFeedSteps reduction steps: work it does (zero stores) spreads evenly over the FMAs
+    for (int64_t k0 = 0; k0 < cg; k0 += kFeedSteps) {
+      on_tap();
+      const int64_t k1 = std::min(cg, k0 + kFeedSteps);
+      for (int64_t k = k0; k < k1; ++k, b += NR) {
+        __m512 bv[NV];
+        if constexpr (PF > 0) {
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + PF * NR + 16 * v), _MM_HINT_T0);
-      }
+          for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + PF * NR + 16 * v), _MM_HINT_T0);
+        }
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+        for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const __m512 x = _mm512_set1_ps(a[i][k]);
+        for (int i = 0; i < MR; ++i) {
+          const __m512 x = _mm512_set1_ps(a[i][k]);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(x, bv[v], acc[i][v]);
+        }
       }
     }
   }
@@ -407,7 +412,7 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
   if (st.zero_ranges > 0) {
     // Spread the zero stores of st's ranges evenly over the taps, so they drain to memory while the FMAs run
     // instead of stalling the core in one burst.
-    ZeroFeed feed(st, ntaps);
+    ZeroFeed feed(st, ntaps * ((cg + kFeedSteps - 1) / kFeedSteps));
     zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc, feed);
   } else {
     zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc);

@@ -46,8 +46,8 @@ struct RowStore {
   bool add;            // add the destination's current values (a residual) first
   bool stream = false; // AVX-512 blocks: streaming stores (every dst 64-byte aligned, n a multiple of 16, no add)
   bool prefetch_b = false;  // AVX-512 6x64 / 8x32 table blocks: prefetch the weight panel (see conv_block_8x32)
-  // AVX-512 blocks: output ranges the block zeroes with streaming stores while its reduction runs, a share after each
-  // tap (zero_len[q] floats, a multiple of 16, from the 64-byte aligned zero_ptr[q]): a masked conv's inactive pixels.
+  // AVX-512 blocks: output ranges the block zeroes with streaming stores while its reduction runs, a share every 16
+  // reduction steps (zero_len[q] floats, a multiple of 16, from the 64-byte aligned zero_ptr[q]): a masked conv's inactive pixels.
   int zero_ranges = 0;
   float* const* zero_ptr = nullptr;
   const int64_t* zero_len = nullptr;
