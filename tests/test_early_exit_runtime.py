@@ -254,3 +254,57 @@ def test_net_with_pooled_buffers_can_be_copied_and_saved():
     with torch.no_grad():
         for a, b in zip(loaded(x), ref):
             torch.testing.assert_close(a, b)
+
+
+def test_compaction_order_keeps_the_first_rows_in_place():
+    from dynconv_ext.models.early_exit import compaction_order
+    torch.manual_seed(3)
+    for n in (1, 5, 33):
+        for _ in range(5):
+            running = torch.rand(n) < 0.6
+            order = compaction_order(running)
+            k = int(running.sum())
+            assert order.numel() == k and running[order].all()          # exactly the running rows
+            assert sorted(order.tolist()) == torch.nonzero(running).flatten().tolist()
+            stay = running[:k]
+            assert torch.equal(order[stay], torch.arange(k)[stay])      # kept rows of the prefix stay put
+            assert (order[~stay] >= k).all()                            # the others come from beyond it
+
+
+@pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
+def test_in_place_compaction_equals_gathering(factory):
+    """keep(state, order, reuse=True) moves only the pooled buffers' rows that change place; the next stages then
+    compute what the gathered state gives, and a tensor the pool does not own is never written."""
+    from dynconv_ext.models.early_exit import compaction_order
+    torch.manual_seed(1)
+    net = factory(num_classes=10).double().eval()
+    x = torch.randn(10, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    running = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    order = compaction_order(running)
+    assert not torch.equal(order, torch.sort(order).values)  # some rows really move
+    with torch.inference_mode():
+        s0, _ = net.step(net.begin(x), 0)
+        gathered = net.keep(s0, order)
+        ref = [net.step(gathered, k)[1] for k in (1,)][0]
+        s0, _ = net.step(net.begin(x), 0)
+        s0["not_pooled"] = x.clone()  # a tensor the state holds but the pool does not own
+        before = s0["not_pooled"].clone()
+        moved = net.keep(s0, order, reuse=True)
+        assert torch.equal(moved["not_pooled"], before[order]) and torch.equal(s0["not_pooled"], before)
+        out = net.step(moved, 1)[1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
+def test_runner_in_place_compaction_gives_the_same_answers(factory):
+    torch.manual_seed(2)
+    net = factory(num_classes=10).double().eval()
+    x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = net(x)
+    th = thresholds_from_confidences(confidences(logits), exit_prior(0.6, net.num_exits))
+    a = EarlyExitRunner(net, th, compact_fraction=0.0)(x)
+    b = EarlyExitRunner(net, th, compact_fraction=0.0, compact_in_place=False)(x)
+    assert torch.equal(a.exits, b.exits) and torch.equal(a.predictions, b.predictions)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert len(set(a.exits.tolist())) > 2  # samples left at several exits: several compactions ran

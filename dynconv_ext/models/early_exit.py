@@ -48,25 +48,59 @@ def signature_changed(old: Optional[tuple], new: tuple) -> bool:
     return old is None or (old != new and (old[:-1] != new[:-1] or old[-1]))
 
 
-def index_state(state: Any, index: torch.Tensor, empty=None) -> Any:
+def compaction_order(running: torch.Tensor) -> torch.Tensor:
+    """The rows to keep of a batch whose rows ``running`` (bool) continue, in an order that leaves every kept row
+    of the first ``running.sum()`` where it is and fills the others' places with the kept rows beyond them: with
+    ``keep(state, order, reuse=True)`` only those rows move (the samples' order changes; track it with the same
+    index)."""
+    n = int(running.sum())
+    order = torch.arange(n, device=running.device)
+    holes = torch.nonzero(~running[:n]).flatten()
+    if holes.numel():
+        order[holes] = torch.nonzero(running[n:]).flatten() + n
+    return order
+
+
+def _moved_in_place(t: torch.Tensor, index: torch.Tensor, empty) -> Optional[torch.Tensor]:
+    """t restricted to rows ``index`` by moving, in t itself, only the rows whose place changes: when every row
+    that moves comes from beyond the kept ones (a :func:`compaction_order`), so no source is overwritten first.
+    None when the index is not of that form."""
+    n = index.numel()
+    dst = torch.nonzero(index != torch.arange(n, device=index.device)).flatten()
+    if dst.numel():
+        src = index[dst]
+        if int(src.min()) < n:
+            return None
+        tmp = torch.index_select(t, 0, src, out=empty(t, src.numel()))
+        t.index_copy_(0, dst, tmp)
+    return t[:n]
+
+
+def index_state(state: Any, index: torch.Tensor, empty=None, reuse=None) -> Any:
     """``state`` with every tensor restricted to the samples ``index`` (dim 0); lists, tuples and dicts are
     walked; other values are kept. 4-D tensors keep their memory format (channels-last buffers stay so).
     ``empty(like, n)``, when given, supplies the uninitialized channels-last [n, C, H, W] tensor each
-    channels-last 4-D tensor is gathered into (a buffer pool)."""
+    channels-last 4-D tensor is gathered into (a buffer pool). ``reuse(t)``, when given, says whether the
+    channels-last tensor t may be compacted in place (a buffer the caller owns and gives up with ``state``): then,
+    for an index from :func:`compaction_order`, only the rows that change place are copied."""
     if isinstance(state, torch.Tensor):
         if state.dim() == 0:
             return state
         cl = state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not state.is_contiguous()
         if cl and empty is not None and not (state.requires_grad and torch.is_grad_enabled()):  # out= has no grad
+            if reuse is not None and reuse(state):
+                moved = _moved_in_place(state, index, empty)
+                if moved is not None:
+                    return moved
             return torch.index_select(state, 0, index, out=empty(state, index.numel()))
         picked = state[index]
         if cl:
             picked = picked.contiguous(memory_format=torch.channels_last)
         return picked
     if isinstance(state, (list, tuple)):
-        return type(state)(index_state(s, index, empty) for s in state)
+        return type(state)(index_state(s, index, empty, reuse) for s in state)
     if isinstance(state, dict):
-        return {k: index_state(v, index, empty) for k, v in state.items()}
+        return {k: index_state(v, index, empty, reuse) for k, v in state.items()}
     return state
 
 
@@ -89,6 +123,7 @@ class BufferPool:
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self._buffers: "collections.OrderedDict[tuple, List[torch.Tensor]]" = collections.OrderedDict()
+        self._ptrs = set()  # the buffers' storage addresses (owns)
         self._lock = threading.Lock()
 
     def empty(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -102,6 +137,8 @@ class BufferPool:
                     return ts[i]
             t = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
             self._buffers.setdefault(key, []).append(t)
+            if t.numel():  # (empty tensors share address 0)
+                self._ptrs.add(t.untyped_storage().data_ptr())
             self._buffers.move_to_end(key)
             self._trim(keep=t)
             return t
@@ -109,6 +146,11 @@ class BufferPool:
     def __reduce__(self):
         # copies and pickles of a net start with an empty pool (buffers are scratch; a lock cannot be pickled)
         return (BufferPool, (self.max_bytes,))
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether t is (a view of) one of this pool's buffers."""
+        with self._lock:
+            return t.numel() > 0 and t.untyped_storage().data_ptr() in self._ptrs
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._buffers.values() for t in ts)
@@ -123,6 +165,7 @@ class BufferPool:
             while i < len(ts) and total > self.max_bytes:
                 if ts[i] is not keep and _free_at(ts, i):
                     total -= ts[i].numel() * ts[i].element_size()
+                    self._ptrs.discard(ts[i].untyped_storage().data_ptr())
                     del ts[i]
                 else:
                     i += 1
@@ -144,10 +187,17 @@ class EarlyExitNet(nn.Module):
     def step(self, state: Any, k: int):
         raise NotImplementedError
 
-    def keep(self, state: Any, index: torch.Tensor) -> Any:
+    def keep(self, state: Any, index: torch.Tensor, reuse: bool = False) -> Any:
+        """``state`` restricted to the samples ``index``. reuse=True: the caller gives ``state`` up, so the fused
+        path's pooled buffers may be compacted in place; with an index from :func:`compaction_order` only the
+        samples that change place are copied (the runtime's batch compactions). Never touches a tensor the pool
+        does not own (an input the state holds, say)."""
         # channels-last buffers (the fused path's) are gathered into pooled ones: fresh large tensors would be
         # page-faulted in on every compaction
-        return index_state(state, index, lambda t, n: self._pooled_empty(t, t.shape[1], t.shape[2], t.shape[3], n))
+        pool = self.__dict__.get("_buffer_pool")
+        owned = pool.owns if (reuse and pool is not None) else None
+        return index_state(state, index, lambda t, n: self._pooled_empty(t, t.shape[1], t.shape[2], t.shape[3], n),
+                           owned)
 
     def _pooled_empty(self, like: torch.Tensor, channels: int, h: int, w: int, n: int = None) -> torch.Tensor:
         """An uninitialized channels-last [n, channels, h, w] buffer from this net's pool (dtype and device of

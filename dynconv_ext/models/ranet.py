@@ -561,10 +561,10 @@ class RANet(EarlyExitNet):
             self._collect(state)
         return state, logits
 
-    def keep(self, state: Any, index: torch.Tensor) -> Any:
+    def keep(self, state: Any, index: torch.Tensor, reuse: bool = False) -> Any:
         if not state["fused"]:
             return index_state(state, index)
-        state = super().keep(state, index)  # the buffers are gathered into pooled channels-last ones
+        state = super().keep(state, index, reuse)  # the buffers are gathered into pooled channels-last ones
         state["bufs"] = {k: v.contiguous(memory_format=CL) for k, v in state["bufs"].items()}
         return state
 
