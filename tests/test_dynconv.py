@@ -272,3 +272,63 @@ def test_mobilenetv2_matches_torchvision_and_masks():
     torch.testing.assert_close(y, ref_y, rtol=1e-3, atol=1e-3)
     stats = models.executed_macs(net)
     assert (stats["executed"] < stats["dense"]).all()
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "inverted"])
+def test_eval_fold_cache_follows_parameter_changes(kind):
+    """Eval forwards fold BN once and reuse it (packed) until a parameter or buffer changes: an in-place change to
+    a conv weight, a BN statistic or a load_state_dict must show in the next forward's output."""
+    from dynconv_ext.nn.blocks import DynInvertedResidual
+    torch.manual_seed(4)
+    if kind == "basic":
+        b = DynBasicBlock(16, 16)
+    elif kind == "bottleneck":
+        b = DynBottleneck(64, 16)
+    else:
+        b = DynInvertedResidual(16, 16, 6)
+    _randomize_bn(b)
+    b.eval()
+    x = torch.randn(2, 64 if kind == "bottleneck" else 16, 8, 8)
+    mask = torch.rand(2, 8, 8) < 0.5
+    gate = set(b.gate.modules())
+    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d) and m not in gate]
+    bns = [m for m in b.modules() if isinstance(m, nn.BatchNorm2d) and m not in gate]
+
+    def fresh():  # the same block with nothing cached
+        c = type(b).__new__(type(b))
+        c.__dict__.update({k: v for k, v in b.__dict__.items() if k != "_fold_cache"})
+        return c(x.clone(), mask)
+
+    with torch.no_grad():
+        y0 = b(x.clone(), mask)
+        torch.testing.assert_close(b(x.clone(), mask), y0, rtol=0, atol=0)  # served from the cache
+        assert "_fold_cache" in b.__dict__
+        convs[0].weight.mul_(1.5)
+        y1 = b(x.clone(), mask)
+        assert not torch.allclose(y1, y0)
+        torch.testing.assert_close(y1, fresh(), rtol=1e-6, atol=1e-6)
+        bns[-1].running_var.mul_(4.0)
+        y2 = b(x.clone(), mask)
+        assert not torch.allclose(y2, y1)
+        torch.testing.assert_close(y2, fresh(), rtol=1e-6, atol=1e-6)
+        state = {k: v.clone() for k, v in b.state_dict().items()}
+        state[next(k for k in state if k.endswith("running_mean"))] += 1.0
+        b.load_state_dict(state)
+        y3 = b(x.clone(), mask)
+        assert not torch.allclose(y3, y2)
+        torch.testing.assert_close(y3, fresh(), rtol=1e-6, atol=1e-6)
+
+
+def test_eval_forward_with_grad_still_reaches_the_weights():
+    """With autograd on (eval mode, parameters requiring grad) the block folds afresh, so gradients flow to the
+    conv weights through the folded ones."""
+    torch.manual_seed(5)
+    b = DynBasicBlock(8, 8)
+    _randomize_bn(b)
+    b.eval()
+    x = torch.randn(2, 8, 8, 8)
+    mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    with torch.no_grad():
+        b(x, mask)  # fills the cache
+    b(x, mask).sum().backward()
+    assert b.conv1.weight.grad is not None and b.conv1.weight.grad.abs().sum() > 0

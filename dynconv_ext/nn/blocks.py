@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import active_rows, masked_conv2d
+from ..ops import active_rows, mark_constant_weight, masked_conv2d
 from ..reference import expand_block_mask
 from .gates import MaskUnit
 
@@ -72,6 +72,32 @@ class GatedBlock(nn.Module):
         # reads the block's input afterwards: the model containers turn it on for their blocks.
         self.inplace_residual = False
 
+    def _folded(self, pairs) -> list:
+        """[(weight, bias)] of each (conv, bn) of `pairs` with BN folded in. Without autograd through them (no_grad,
+        inference_mode, or parameters that need no grad) the folded tensors are cached until a parameter or buffer
+        changes (version counter, data pointer) and marked constant, so the CPU kernels keep them packed across
+        calls instead of folding and repacking every forward."""
+        if torch.is_grad_enabled() and any(p.requires_grad for c, b in pairs for p in (c.weight, c.bias, b.weight,
+                                                                                       b.bias) if p is not None):
+            return [fold_bn(c, b) for c, b in pairs]
+        from ..models.early_exit import signature_changed, weights_signature  # (models import this module)
+        tensors = [t for c, b in pairs for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var)
+                   if t is not None]
+        sig = weights_signature(tensors) + tuple(b.eps for _, b in pairs)
+        cache = self.__dict__.get("_fold_cache", {})
+        key = tuple(id(c) for c, _ in pairs)
+        hit = cache.get(key)
+        if hit is not None and not signature_changed(hit[0], sig):
+            return hit[1]
+        # outside inference_mode, so the folded weights are normal tensors with a version counter (the kernels'
+        # packed-weight cache needs one); nothing modifies them
+        with torch.inference_mode(False), torch.no_grad():
+            folded = [(mark_constant_weight(w.contiguous()), b.contiguous()) for w, b in (fold_bn(c, bn)
+                                                                                           for c, bn in pairs)]
+        cache[key] = (sig, folded)
+        self.__dict__["_fold_cache"] = cache
+        return folded
+
     def _mask(self, x: torch.Tensor, out_hw, mask: Optional[torch.Tensor]):
         """(mask, soft probabilities): the gate's, unless the caller gave a mask (then soft is None)."""
         return self.gate(x, out_hw) if mask is None else (mask, None)
@@ -127,8 +153,7 @@ class DynBasicBlock(GatedBlock):
             pix = expand_block_mask(mask, self.block_size, (ho, wo))[:, 0]
             full = bool(pix.all())
             dil = pix if full else dilate_pixel_mask(pix, 3)
-            w1, b1 = fold_bn(self.conv1, self.bn1)
-            w2, b2 = fold_bn(self.conv2, self.bn2)
+            (w1, b1), (w2, b2) = self._folded(self.conv_bn_pairs())
             # conv2 reads `hidden` only inside `dil`, where it is computed: no need to zero the rest.
             hidden = masked_conv2d(x, w1, b1, None if full else dil, self.conv1.stride, 1, activation="relu",
                                    zero_inactive=False)
@@ -206,9 +231,7 @@ class DynBottleneck(GatedBlock):
             pix = expand_block_mask(mask, self.block_size, (ho, wo))[:, 0]
             full = bool(pix.all())
             need = None if full else receptive_input_mask(pix, (h, w), 3, s, 1)
-            w1, b1 = fold_bn(self.conv1, self.bn1)
-            w2, b2 = fold_bn(self.conv2, self.bn2)
-            w3, b3 = fold_bn(self.conv3, self.bn3)
+            (w1, b1), (w2, b2), (w3, b3) = self._folded(self.conv_bn_pairs())
             # Each intermediate is read only where it was computed: leave the rest unspecified (no zeroing).
             t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu", zero_inactive=False)
             rows = None if (full or x.device.type != "cpu") else active_rows(mask, (ho, wo), self.block_size)
@@ -288,15 +311,15 @@ class DynInvertedResidual(GatedBlock):
             pix_b = expand_block_mask(mask, self.block_size, (h, w))[:, 0]
             full = bool(pix_b.all())
             t = x
+            folded = self._folded(([(exp[0], exp[1])] if exp is not None else []) + [(dw[0], dw[1]), (proj, bnp)])
+            (wd, bd), (wp, bp) = folded[-2:]
             if exp is not None:
-                we, be = fold_bn(exp[0], exp[1])
+                we, be = folded[0]
                 need = None if full else dilate_pixel_mask(pix_b, 3)
                 t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6", zero_inactive=False)
-            wd, bd = fold_bn(dw[0], dw[1])
             rows = None if (full or x.device.type != "cpu") else active_rows(mask, (h, w), self.block_size)
             t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
                               activation="relu6", zero_inactive=False, rows=rows)  # shared with the projection
-            wp, bp = fold_bn(proj, bnp)
             out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
                                 inplace=self.inplace_residual and not full, rows=rows)
             active = pix_b.sum((1, 2)) / float(h * w)
