@@ -319,6 +319,24 @@ def test_eval_fold_cache_follows_parameter_changes(kind):
         torch.testing.assert_close(y3, fresh(), rtol=1e-6, atol=1e-6)
 
 
+def test_eval_refreshes_the_fold_cache_after_a_data_write():
+    """A write through .data bumps no version counter; eval() (train(False)) drops the cache, so the next forward
+    sees it (a prune-then-evaluate script)."""
+    torch.manual_seed(6)
+    b = DynBasicBlock(8, 8)
+    _randomize_bn(b)
+    b.eval()
+    x, mask = torch.randn(2, 8, 8, 8), torch.rand(2, 8, 8) < 0.5
+    with torch.no_grad():
+        y0 = b(x.clone(), mask)
+        b.conv2.weight.data[:4] = 0.0
+        b.eval()
+        y1 = b(x.clone(), mask)
+        b.__dict__.pop("_fold_cache", None)
+        torch.testing.assert_close(y1, b(x.clone(), mask), rtol=0, atol=0)
+    assert not torch.allclose(y0, y1)
+
+
 def test_eval_forward_with_grad_still_reaches_the_weights():
     """With autograd on (eval mode, parameters requiring grad) the block folds afresh, so gradients flow to the
     conv weights through the folded ones."""

@@ -72,11 +72,16 @@ class GatedBlock(nn.Module):
         # reads the block's input afterwards: the model containers turn it on for their blocks.
         self.inplace_residual = False
 
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_fold_cache", None)  # eval() / train() refresh the folded weights (see _folded)
+        return super().train(mode)
+
     def _folded(self, pairs) -> list:
         """[(weight, bias)] of each (conv, bn) of `pairs` with BN folded in. Without autograd through them (no_grad,
         inference_mode, or parameters that need no grad) the folded tensors are cached until a parameter or buffer
         changes (version counter, data pointer) and marked constant, so the CPU kernels keep them packed across
-        calls instead of folding and repacking every forward."""
+        calls instead of folding and repacking every forward. A write through ``.data`` bumps no version counter:
+        call ``eval()`` again after one (``train()``/``eval()`` drop the cache)."""
         if torch.is_grad_enabled() and any(p.requires_grad for c, b in pairs for p in (c.weight, c.bias, b.weight,
                                                                                        b.bias) if p is not None):
             return [fold_bn(c, b) for c, b in pairs]
