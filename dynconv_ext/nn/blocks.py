@@ -82,9 +82,9 @@ class GatedBlock(nn.Module):
         changes (version counter, data pointer) and marked constant, so the CPU kernels keep them packed across
         calls instead of folding and repacking every forward. A write through ``.data`` bumps no version counter:
         call ``eval()`` again after one (``train()``/``eval()`` drop the cache)."""
-        if torch.is_grad_enabled() and any(p.requires_grad for c, b in pairs for p in (c.weight, c.bias, b.weight,
-                                                                                       b.bias) if p is not None):
-            return [fold_bn(c, b) for c, b in pairs]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                p.requires_grad for c, b in pairs for p in (c.weight, c.bias, b.weight, b.bias) if p is not None)):
+            return [fold_bn(c, b) for c, b in pairs]  # (a compiled graph folds as part of the graph)
         from ..models.early_exit import signature_changed, weights_signature  # (models import this module)
         tensors = [t for c, b in pairs for t in (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var)
                    if t is not None]
