@@ -104,6 +104,31 @@ def test_conv2d_into_isa(isa, shape):
     assert torch.equal(out[:, :3], before[:, :3]) and torch.equal(out[:, 3 + cout:], before[:, 3 + cout:])
 
 
+# Few input channels: the fused dense path reads a kernel row's KW taps as one run of KW * C channels
+# (C_in, C_out, k, stride, padding, H): MSDNet's and RANet's stems, a 5x5 at stride 2, 4 and 12 channels.
+# (wide enough for whole 8-pixel segments of interior pixels, which take the merged rows; the rest are border pixels)
+MERGED = [(3, 16, 3, 1, 1, 11), (3, 32, 3, 2, 1, 24), (4, 24, 5, 2, 2, 30), (12, 12, 3, 1, 0, 14), (3, 64, 3, 1, 1, 20)]
+
+
+@pytest.mark.parametrize("merged", ["1", "0"])
+@pytest.mark.parametrize("shape", MERGED, ids=[f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}" for s in MERGED])
+def test_conv2d_into_merged_kernel_rows(monkeypatch, isa, shape, merged):
+    """DYNCONV_EXT_MERGED_TAPS=1 (default) merges a kernel row's taps for small contiguous inputs; both ways equal
+    the reference, into a channel slice of a wider buffer, borders included."""
+    monkeypatch.setenv("DYNCONV_EXT_MERGED_TAPS", merged)
+    cin, cout, k, st, pad, h = shape
+    gen = torch.Generator().manual_seed(cin * cout + k)
+    x = torch.randn(3, cin, h, h, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(cout, cin, k, k, generator=gen), torch.randn(cout, generator=gen)
+    ho = F.conv2d(x[:1], w, None, st, pad).shape[-1]
+    out = torch.randn(3, cout + 5, ho, ho, generator=gen).contiguous(memory_format=torch.channels_last)
+    before = out.clone()
+    conv2d_into(x, w, b, out, 2, st, pad, activation="relu")
+    ref = F.conv2d(x.double(), w.double(), b.double(), st, pad).relu()
+    torch.testing.assert_close(out[:, 2:2 + cout].double(), ref, rtol=1e-4, atol=1e-4 * max(1.0, w[0].numel() ** 0.5))
+    assert torch.equal(out[:, :2], before[:, :2]) and torch.equal(out[:, 2 + cout:], before[:, 2 + cout:])
+
+
 @pytest.mark.parametrize("shape", SHAPES[:5] + SHAPES[6:8], ids=[f"{s[0]}-{s[1]}-k{s[2]}-s{s[3]}-g{s[6]}"
                                                                  for s in SHAPES[:5] + SHAPES[6:8]])
 @pytest.mark.parametrize("n", [1, 3])  # fewer samples than threads (dA materialized) and more (per-sample pull)

@@ -534,6 +534,8 @@ inline bool fused_narrow_enabled() {
 // benchmarks/results/fused_prefetch_ab_cpu_xeon.md): input rows alone, MSDNet CIFAR whole network batch 256 1.10x,
 // RANet CIFAR 1.11x; adding the output lines, a further 1.05x (MSDNet) and 1.09x (RANet); about neutral at batch 64.
 inline bool fused_prefetch_enabled() { return env_switch_on("DYNCONV_EXT_FUSED_PREFETCH"); }
+// DYNCONV_EXT_MERGED_TAPS=0 (read per call) keeps one tap per kernel position in forward_dense_fused.
+inline bool merged_taps_enabled() { return env_switch_on("DYNCONV_EXT_MERGED_TAPS"); }
 
 // A dense convolution (every output pixel; conv2d_into) with at most kFusedMaxCog output channels per group,
 // float, AVX2, channels contiguous in the output; the 8x8 block up to 8 channels, the 6x16 one above.
@@ -585,6 +587,11 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
   std::atomic<int64_t> next_row{0};
   const bool prefetch_next_row = fused_prefetch_enabled();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ceil_div(rows_total, 2));
+  // Few input channels in a contiguous channels-last input (a stem conv: 3 channels): the KW taps of a kernel row
+  // read KW * C consecutive floats, in the packed weights' k order, so a segment runs KH taps of KW * C channels
+  // instead of KH * KW taps of C (the per-tap work outweighed 3 reduction steps).
+  const bool merge_rows = s.G == 1 && s.DW == 1 && s.KW > 1 && iv.sW == s.C && s.C * s.KW <= 64 &&
+                          merged_taps_enabled();
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     std::vector<const float*> strided(static_cast<size_t>(taps)), table(static_cast<size_t>(taps * B)),
         shifted(static_cast<size_t>(taps * B));
@@ -598,7 +605,9 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
       for (int64_t g = 0; g < s.G; ++g) {
         float* const* dst = is_strided ? seg_dst : table_dst;
         const float* const* ptrs = table.data();
-        if (is_strided) {
+        if (is_strided && merge_rows) {
+          for (int64_t kh = 0; kh < s.KH; ++kh) shifted[kh] = strided[kh * s.KW];  // (one group)
+        } else if (is_strided) {
           for (int64_t t = 0; t < taps; ++t) shifted[t] = strided[t] + g * s.Cg;
         } else if (s.G > 1) {
           for (int64_t q = 0; q < taps * B; ++q) shifted[q] = table[q] == zp ? zp : table[q] + g * s.Cg;
@@ -609,7 +618,9 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
           for (int64_t i = 0; i < nvalid; ++i) gdst[i] = dst[i] + c0;
           const RowStore st{gdst, nvalid, std::min(NR, s.Cog - p * NR), bias ? bias + c0 : nullptr, act, add};
           const float* wp = wpack + (g * panels + p) * K * NR;
-          if (is_strided)
+          if (is_strided && merge_rows)
+            Blk::strided(s.KH, s.KW * s.Cg, shifted.data(), step, wp, st);
+          else if (is_strided)
             Blk::strided(taps, s.Cg, shifted.data(), step, wp, st);
           else
             Blk::table(taps, s.Cg, ptrs, wp, st);
