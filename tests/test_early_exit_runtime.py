@@ -174,16 +174,21 @@ def test_bad_input():
         EarlyExitRunner(net, [0.1, 0.2, 0.3], compact_fraction=2.0)
 
 
+def _calibrated_net(factory, seed: int, n: int, prior: float):
+    """A float64 eval network, an input batch, its logits at every exit and thresholds calibrated on them."""
+    torch.manual_seed(seed)
+    net = factory(num_classes=10).double().eval()
+    x = torch.randn(n, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        logits = net(x)
+    return net, x, logits, thresholds_from_confidences(confidences(logits), exit_prior(prior, net.num_exits))
+
+
 @pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
 def test_real_networks_runtime_equals_simulation(factory):
     """On MSDNet and RANet (fused path, float64): same exits and predictions as replaying thresholds over all
     exits, and each sample's logits equal its exit's logits from the full forward."""
-    torch.manual_seed(0)
-    net = factory(num_classes=10).double().eval()
-    x = torch.randn(12, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        logits = net(x)
-    th = thresholds_from_confidences(confidences(logits), exit_prior(0.8, net.num_exits))
+    net, x, logits, th = _calibrated_net(factory, 0, 12, 0.8)
     out = EarlyExitRunner(net, th)(x)
     exits, preds = simulate_exits(logits, th)
     assert torch.equal(out.exits, exits) and torch.equal(out.predictions, preds)
@@ -297,12 +302,7 @@ def test_in_place_compaction_equals_gathering(factory):
 
 @pytest.mark.parametrize("factory", [models.msdnet_cifar, models.ranet_cifar])
 def test_runner_in_place_compaction_gives_the_same_answers(factory):
-    torch.manual_seed(2)
-    net = factory(num_classes=10).double().eval()
-    x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        logits = net(x)
-    th = thresholds_from_confidences(confidences(logits), exit_prior(0.6, net.num_exits))
+    net, x, _, th = _calibrated_net(factory, 2, 24, 0.6)
     a = EarlyExitRunner(net, th, compact_fraction=0.0)(x)
     b = EarlyExitRunner(net, th, compact_fraction=0.0, compact_in_place=False)(x)
     assert torch.equal(a.exits, b.exits) and torch.equal(a.predictions, b.predictions)

@@ -353,11 +353,16 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
     return shifted;
   };
   // Zeroes the inactive pixels before active row i (and, after the last one, those to the end).
-  const auto zero_gap = [&](int64_t i) {
-    const int64_t from = i == 0 ? 0 : rows[i - 1] + 1;
-    if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
+  // The first inactive pixel before active row i, and the inactive pixels after the last row.
+  const auto gap_start = [&](int64_t i) { return i == 0 ? int64_t(0) : rows[i - 1] + 1; };
+  const auto zero_tail = [&](int64_t i) {
     if (i == M - 1 && rows[i] + 1 < s.out_pixels())
       zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
+  };
+  const auto zero_gap = [&](int64_t i) {
+    const int64_t from = gap_start(i);
+    if (rows[i] > from) zero_pixels(out + from * s.Co, (rows[i] - from) * s.Co);
+    zero_tail(i);
   };
   // The register-epilogue path: block blk of a macro block (mt rows, output offsets offs, row pointers gptrs of
   // group g) over weight panel p, stored straight into its output pixels.
@@ -378,15 +383,14 @@ void forward_gemm_blocked(const ConvShape& s, const T* x, const InView& iv, cons
       if (zero_row0 >= 0 && zero_in_kernel && p == 0 && g == 0) {
         int nz = 0;
         for (int64_t r = blk * MR; r < blk * MR + nv; ++r) {
-          const int64_t i = zero_row0 + r, from = i == 0 ? 0 : rows[i - 1] + 1, gap = rows[i] - from;
+          const int64_t i = zero_row0 + r, from = gap_start(i), gap = rows[i] - from;
           if (gap > 0 && gap <= kMaxKernelGap) {
             zptr[nz] = out + from * s.Co;
             zlen[nz++] = gap * s.Co;
           } else if (gap > 0) {
             zero_pixels(out + from * s.Co, gap * s.Co);
           }
-          if (i == M - 1 && rows[i] + 1 < s.out_pixels())
-            zero_pixels(out + (rows[i] + 1) * s.Co, (s.out_pixels() - rows[i] - 1) * s.Co);
+          zero_tail(i);
         }
         st.zero_ranges = nz;
         st.zero_ptr = zptr;
@@ -592,6 +596,7 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
   // instead of KH * KW taps of C (the per-tap work outweighed 3 reduction steps).
   const bool merge_rows = s.G == 1 && s.DW == 1 && s.KW > 1 && iv.sW == s.C && s.C * s.KW <= 64 &&
                           merged_taps_enabled();
+  const int64_t seg_taps = merge_rows ? s.KH : taps, seg_cg = merge_rows ? s.KW * s.Cg : s.Cg;  // per segment
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
     std::vector<const float*> strided(static_cast<size_t>(taps)), table(static_cast<size_t>(taps * B)),
         shifted(static_cast<size_t>(taps * B));
@@ -618,10 +623,8 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
           for (int64_t i = 0; i < nvalid; ++i) gdst[i] = dst[i] + c0;
           const RowStore st{gdst, nvalid, std::min(NR, s.Cog - p * NR), bias ? bias + c0 : nullptr, act, add};
           const float* wp = wpack + (g * panels + p) * K * NR;
-          if (is_strided && merge_rows)
-            Blk::strided(s.KH, s.KW * s.Cg, shifted.data(), step, wp, st);
-          else if (is_strided)
-            Blk::strided(taps, s.Cg, shifted.data(), step, wp, st);
+          if (is_strided)
+            Blk::strided(seg_taps, seg_cg, shifted.data(), step, wp, st);
           else
             Blk::table(taps, s.Cg, ptrs, wp, st);
         }

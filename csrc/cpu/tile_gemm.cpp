@@ -313,20 +313,20 @@ constexpr int64_t kFeedSteps = 16;
 struct NoTapWork {
   void operator()() const {}
 };
-// Zeroes RowStore's zero ranges a tap's share at a time (zmm_store_impl).
+// Zeroes RowStore's zero ranges an equal share per call (zmm_accumulate calls it every kFeedSteps reduction steps).
 struct ZeroFeed {
   const RowStore& st;
-  int64_t per_tap = 0, left = 0;
+  int64_t per_call = 0, left = 0;
   int q = 0;
   float* zp = nullptr;
   ZeroFeed(const RowStore& s, int64_t calls) : st(s), left(s.zero_len[0] / 16), zp(s.zero_ptr[0]) {
     int64_t total = 0;
     for (int i = 0; i < s.zero_ranges; ++i) total += s.zero_len[i];
-    per_tap = (total / 16 + calls - 1) / calls;
+    per_call = (total / 16 + calls - 1) / calls;
   }
   __attribute__((target("avx512f"), always_inline)) inline void operator()() {
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t nvec = per_tap; nvec > 0 && q < st.zero_ranges;) {
+    for (int64_t nvec = per_call; nvec > 0 && q < st.zero_ranges;) {
       if (left == 0) {
         if (++q == st.zero_ranges) break;
         zp = st.zero_ptr[q];
@@ -410,7 +410,7 @@ __attribute__((target("avx512f"), always_inline)) inline void zmm_store_impl(int
                                                                             const float* b, const RowStore& st) {
   __m512 acc[MR][NV];
   if (st.zero_ranges > 0) {
-    // Spread the zero stores of st's ranges evenly over the taps, so they drain to memory while the FMAs run
+    // Spread the zero stores of st's ranges evenly over the reduction, so they drain to memory while the FMAs run
     // instead of stalling the core in one burst.
     ZeroFeed feed(st, ntaps * ((cg + kFeedSteps - 1) / kFeedSteps));
     zmm_accumulate<MR, NV, PF>(ntaps, cg, row, b, acc, feed);
