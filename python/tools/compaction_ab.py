@@ -1,5 +1,5 @@
-"""Budgeted-batch early exit with in-place batch compactions vs gathering the remaining samples (interleaved,
-one process, the order of the two alternating every round).
+"""Budgeted-batch early exit with in-place batch compactions vs gathering the remaining samples (interleaved in
+one process, in a fresh order every round).
 
     python python/tools/compaction_ab.py [--models msdnet_cifar ranet_cifar] [--priors 0.5 0.8 1.0 1.2]
 
@@ -10,14 +10,12 @@ separate batch as in `python -m dynconv_ext exits`).
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
 from dynconv_ext.inference import EarlyExitRunner, confidences, exit_prior, thresholds_from_confidences
 from dynconv_ext.profile import early_exit_table as eet
-from dynconv_ext.profile.timing import machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 
 def main():
@@ -40,17 +38,13 @@ def main():
             th = thresholds_from_confidences(conf, exit_prior(prior, net.num_exits))
             runners = {True: EarlyExitRunner(net, th, compact_in_place=True),
                        False: EarlyExitRunner(net, th, compact_in_place=False)}
-            times = {True: [], False: []}
             with torch.inference_mode():
-                a, b = runners[True](x), runners[False](x)  # warm-up; same answers either way
-                assert torch.equal(a.exits, b.exits) and torch.equal(a.predictions, b.predictions)
-                for r in range(args.rounds):
-                    for mode in ((True, False) if r % 2 == 0 else (False, True)):
-                        t0 = time.perf_counter()
-                        runners[mode](x)
-                        times[mode].append(time.perf_counter() - t0)
-            on, off = statistics.median(times[True]), statistics.median(times[False])
-            print(f"| {name} | {prior} | {on * 1e3:.1f} | {off * 1e3:.1f} | {off / on:.3f}x |")
+                a, b = runners[True](x), runners[False](x)  # same answers either way
+            assert torch.equal(a.exits, b.exits) and torch.equal(a.predictions, b.predictions)
+            t = interleaved_medians({"in_place": lambda: runners[True](x), "gathered": lambda: runners[False](x)},
+                                    reps=args.rounds, warmup=1)
+            on, off = t["in_place"], t["gathered"]  # ms
+            print(f"| {name} | {prior} | {on:.1f} | {off:.1f} | {off / on:.3f}x |")
 
 
 if __name__ == "__main__":

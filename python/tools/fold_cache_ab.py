@@ -1,5 +1,5 @@
 """Gated DynConv blocks in eval: BN folded once and kept (packed) vs folded and repacked on every forward
-(interleaved, one process, the order alternating every round).
+(interleaved in one process, in a fresh order every round).
 
     python python/tools/fold_cache_ab.py [--rounds 9]
 
@@ -10,14 +10,12 @@ ways.
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
 from dynconv_ext import models
 from dynconv_ext.nn.blocks import GatedBlock, fold_bn
-from dynconv_ext.profile.timing import machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 CASES = [("dynconv_resnet32", models.dynconv_resnet32, 1, 32), ("dynconv_resnet32", models.dynconv_resnet32, 64, 32),
          ("dynconv_resnet50", models.dynconv_resnet50, 1, 224), ("dynconv_resnet50", models.dynconv_resnet50, 8, 224),
@@ -42,20 +40,16 @@ def main():
         torch.manual_seed(0)
         net = factory().eval()
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
-        times = {True: [], False: []}
-        with torch.inference_mode(False), torch.no_grad():
-            for mode in (True, False):  # warm-up, and the same output both ways
-                GatedBlock._folded = cached if mode else fresh
-                net(x)
-            for r in range(args.rounds):
-                for mode in ((True, False) if r % 2 == 0 else (False, True)):
-                    GatedBlock._folded = cached if mode else fresh
-                    t0 = time.perf_counter()
-                    net(x)
-                    times[mode].append(time.perf_counter() - t0)
+
+        def forward(folded):
+            def run():
+                GatedBlock._folded = folded
+                return net(x)
+            return run
+        t = interleaved_medians({"cached": forward(cached), "fresh": forward(fresh)}, reps=args.rounds)
         GatedBlock._folded = cached
-        on, off = statistics.median(times[True]), statistics.median(times[False])
-        print(f"| {name} | {n} | {on * 1e3:.2f} | {off * 1e3:.2f} | {off / on:.3f}x |")
+        on, off = t["cached"], t["fresh"]  # ms
+        print(f"| {name} | {n} | {on:.2f} | {off:.2f} | {off / on:.3f}x |")
 
 
 if __name__ == "__main__":

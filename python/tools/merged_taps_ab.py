@@ -1,5 +1,5 @@
 """Dense convs with few input channels: a kernel row's taps merged into one run of KW * C channels vs one tap per
-kernel position (interleaved, one process, the order alternating every round; DYNCONV_EXT_MERGED_TAPS=1 / 0).
+kernel position (interleaved in one process, in a fresh order every round; DYNCONV_EXT_MERGED_TAPS=1 / 0).
 
     python python/tools/merged_taps_ab.py [--rounds 9]
 
@@ -9,31 +9,24 @@ stem stage (begin) and whole network at batch 256.
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from dynconv_ext.ops.conv2d_into import conv2d_into
 from dynconv_ext.profile import early_exit_table as eet
-from dynconv_ext.profile.timing import machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_env_switch
 
 CASES = [(256, 3, 32, 16, 64, 3, 1), (8, 3, 56, 64, 64, 3, 1), (256, 3, 32, 32, 32, 3, 1), (16, 4, 32, 24, 24, 3, 1),
          (4, 3, 64, 16, 16, 5, 2)]
 
 
 def timed(fn, var, rounds):
-    times = {"1": [], "0": []}
-    for r in range(rounds):
-        for sw in (("1", "0") if r % 2 == 0 else ("0", "1")):
-            os.environ[var] = sw
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[sw].append(time.perf_counter() - t0)
+    """(switch on, switch off) median ms of fn, interleaved."""
+    t = interleaved_medians({"on": with_env_switch(fn, var, True), "off": with_env_switch(fn, var, False)},
+                            reps=rounds)
     os.environ.pop(var, None)
-    return statistics.median(times["1"]), statistics.median(times["0"])
+    return t["on"], t["off"]
 
 
 def main():
@@ -45,24 +38,23 @@ def main():
     var = "DYNCONV_EXT_MERGED_TAPS"
     print(f"merged kernel-row taps on vs off (interleaved, one process); {machine_description()}")
     print("| case (N, C_in, H, C_out, buffer C, k, pad) | merged ms | per tap ms | speedup |\n|---|---|---|---|")
-    with torch.inference_mode():
-        for n, c, h, co, bc, k, pad in CASES:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
-            w, b = torch.randn(co, c, k, k, generator=g), torch.randn(co, generator=g)
-            ho = h + 2 * pad - k + 1
-            out = torch.empty(n, bc, ho, ho).contiguous(memory_format=torch.channels_last)
-            conv2d_into(x, w, b, out, 0, padding=pad, activation="relu")
-            torch.testing.assert_close(out[:, :co], F.conv2d(x, w, b, padding=pad).relu(), rtol=1e-4, atol=1e-4)
-            on, off = timed(lambda: conv2d_into(x, w, b, out, 0, padding=pad, activation="relu"), var, args.rounds)
-            print(f"| {(n, c, h, co, bc, k, pad)} | {on * 1e3:.3f} | {off * 1e3:.3f} | {off / on:.2f}x |")
-        print("\n| model (batch 256) | stage | merged ms | per tap ms | speedup |\n|---|---|---|---|---|")
-        for name in ("msdnet_cifar", "ranet_cifar"):
-            net, x = eet.build(name), eet._cifar_input(256)
-            on, off = timed(lambda: net.begin(x), var, args.rounds)
-            print(f"| {name} | begin (stem) | {on * 1e3:.2f} | {off * 1e3:.2f} | {off / on:.2f}x |")
-            on, off = timed(lambda: net(x), var, max(3, args.rounds // 2))
-            print(f"| {name} | whole network | {on * 1e3:.1f} | {off * 1e3:.1f} | {off / on:.3f}x |")
+    for n, c, h, co, bc, k, pad in CASES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(co, c, k, k, generator=g), torch.randn(co, generator=g)
+        ho = h + 2 * pad - k + 1
+        out = torch.empty(n, bc, ho, ho).contiguous(memory_format=torch.channels_last)
+        conv2d_into(x, w, b, out, 0, padding=pad, activation="relu")
+        torch.testing.assert_close(out[:, :co], F.conv2d(x, w, b, padding=pad).relu(), rtol=1e-4, atol=1e-4)
+        on, off = timed(lambda: conv2d_into(x, w, b, out, 0, padding=pad, activation="relu"), var, args.rounds)
+        print(f"| {(n, c, h, co, bc, k, pad)} | {on:.3f} | {off:.3f} | {off / on:.2f}x |")
+    print("\n| model (batch 256) | stage | merged ms | per tap ms | speedup |\n|---|---|---|---|---|")
+    for name in ("msdnet_cifar", "ranet_cifar"):
+        net, x = eet.build(name), eet._cifar_input(256)
+        on, off = timed(lambda: net.begin(x), var, args.rounds)
+        print(f"| {name} | begin (stem) | {on:.2f} | {off:.2f} | {off / on:.2f}x |")
+        on, off = timed(lambda: net(x), var, max(3, args.rounds // 2))
+        print(f"| {name} | whole network | {on:.1f} | {off:.1f} | {off / on:.3f}x |")
 
 
 if __name__ == "__main__":
