@@ -95,3 +95,47 @@ def test_grad_input_paths(threads, batch):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     finally:
         torch.set_num_threads(old)
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _raw_op(x, w, b, m, args, block, residual=None, activation=0):
+    """The op itself, through the autograd kernel registered with torch.library."""
+    stride, padding, dilation, groups = args
+    return torch.ops.dynconv.masked_conv2d(x, w, b, m, _pair(stride), _pair(padding), _pair(dilation), groups, block,
+                                           residual, activation, 2.0, True, None)
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[0], GRAD_CASES[1], GRAD_CASES[4]])
+@pytest.mark.parametrize("relu", [False, True])
+def test_eager_function_matches_registered_autograd(case, relu):
+    # Eager calls that record go through _MaskedConv2dFn, not the autograd kernel registered with torch.library
+    # (which torch.compile and opcheck use): both must give the same output and gradients.
+    x, w, b, m, args, block, ho = _inputs(case, torch.float64)
+    r = torch.randn(x.shape[0], w.shape[0], *ho, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(x.shape[0], w.shape[0], *ho, dtype=torch.float64)
+    y = masked_conv2d(x, w, b, m, *args, block_size=block, residual=r, activation="relu" if relu else None,
+                      backend="cpp")
+    assert "MaskedConv2dFn" in type(y.grad_fn).__name__
+    ref = _raw_op(x, w, b, m, args, block, residual=r, activation=1 if relu else 0)
+    assert "MaskedConv2dFn" not in type(ref.grad_fn).__name__
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    got = torch.autograd.grad(y, (x, w, b, r), g)
+    want = torch.autograd.grad(ref, (x, w, b, r), g)
+    for a, e, name in zip(got, want, ("input", "weight", "bias", "residual")):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda s: f"grad {name}: {s}")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "no_requires_grad", "inference_mode"])
+def test_unrecorded_calls_return_plain_tensors(mode):
+    # Without anything to record (the op then runs below its autograd key) the result is the same values and
+    # carries no autograd history.
+    x, w, b, m, args, block, _ = _inputs(GRAD_CASES[0], torch.float32, requires_grad=(mode != "no_requires_grad"))
+    want = masked_conv2d_reference(x.detach(), w.detach(), b.detach(), m, *args, block)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    with ctx():
+        y = masked_conv2d(x, w, b, m, *args, block_size=block, backend="cpp")
+    assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)

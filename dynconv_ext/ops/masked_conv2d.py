@@ -323,14 +323,38 @@ def masked_conv2d(
         threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, device_type)
     else:
         threshold = {"cpp": _NEVER, "cuda": _NEVER, "dense": 0.0}[backend]
-    if inplace:
-        return torch.ops.dynconv.masked_conv2d_residual_(
-            input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-            ACTIVATIONS[activation], threshold, rows)
-    return torch.ops.dynconv.masked_conv2d(
-        input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-        ACTIVATIONS[activation], threshold, zero_inactive, rows
-    )
+    args = (input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
+            ACTIVATIONS[activation], threshold)
+    op = torch.ops.dynconv.masked_conv2d_residual_ if inplace else torch.ops.dynconv.masked_conv2d
+    tail = (rows,) if inplace else (zero_inactive, rows)
+    how = _eager_dispatch(input, weight, bias, residual)
+    if how == _BELOW_AUTOGRAD:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, *tail)
+    if how == _RECORD and not inplace:  # (inplace refused tensors that require grad above)
+        return _MaskedConv2dFn.apply(*args, *tail)
+    return op(*args, *tail)
+
+
+# How an eager call reaches the op's kernels. The autograd kernel registered below from Python
+# (torch.library.register_autograd) costs ~6 us a call when it records nothing and ~60 us when it does (torch's
+# fill_defaults rebuilds the schema's argument list once per argument) on the 2-core Xeon
+# (python python/tools/op_overhead.py), against ~8 us for the whole C++ op on a small conv. So eager calls skip
+# it: below the autograd key when autograd records nothing, through _MaskedConv2dFn (the same backward, at
+# Function.apply's cost) when it does. inference_mode (no autograd key) and torch.compile (which traces the
+# registered autograd) get the plain call.
+# EAGER_FAST_PATH = False sends every call through the registered autograd (for one-process A/Bs).
+_PLAIN, _BELOW_AUTOGRAD, _RECORD = 0, 1, 2
+EAGER_FAST_PATH = True
+
+
+def _eager_dispatch(input, weight, bias, residual) -> int:
+    # (is_compiling first: dynamo cannot trace is_inference_mode_enabled)
+    if not EAGER_FAST_PATH or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return _PLAIN
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+        return _RECORD
+    return _BELOW_AUTOGRAD
 
 
 def active_rows(mask: torch.Tensor, out_hw, block_size: int = 1) -> torch.Tensor:
@@ -417,3 +441,18 @@ if _extension.load_error() is None:
                 None, None, None, None, None, None, grad_output if need[9] else None, None, None, None, None)
 
     torch.library.register_autograd("dynconv::masked_conv2d", _backward, setup_context=_setup_context)
+
+    class _MaskedConv2dFn(torch.autograd.Function):
+        """The registered autograd above as a Function, for eager calls that record (see _eager_dispatch): the
+        same _setup_context and _backward, without the registered kernel's per-call schema walk."""
+
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = torch.ops.dynconv.masked_conv2d(*inputs)
+            _setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return _backward(ctx, grad_output)
