@@ -55,7 +55,9 @@ def want_cuda():
 def extension():
     debug = os.environ.get("DYNCONV_EXT_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/python/: the Python module itself (PyInit__C and helpers on Python objects); the CMake build leaves it out.
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")) +
+                     glob.glob(os.path.join("csrc", "python", "*.cpp")))
     cxx = opt + ["-fopenmp"]
     kwargs = dict(name="dynconv_ext._C", sources=sources, py_limited_api=False,
                   extra_link_args=["-fopenmp"])

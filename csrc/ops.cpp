@@ -1,7 +1,6 @@
 // All operator schemas of dynconv_ext, in one place. Kernels register per dispatch key in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd are registered from Python
 // (dynconv_ext/ops/).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <torch/version.h>
@@ -12,11 +11,7 @@
 #include "cpu/packed_weights.h"
 #include "cpu/tile_gemm.h"
 
-// Importing dynconv_ext._C from Python runs the static TORCH_LIBRARY registrations below.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dynconv_ext native kernels", -1, nullptr};
-  return PyModule_Create(&module);
-}
+// (The Python module that loads these registrations is csrc/python/module.cpp.)
 
 namespace dynconv {
 

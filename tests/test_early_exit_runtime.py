@@ -308,3 +308,33 @@ def test_runner_in_place_compaction_gives_the_same_answers(factory):
     assert torch.equal(a.exits, b.exits) and torch.equal(a.predictions, b.predictions)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     assert len(set(a.exits.tolist())) > 2  # samples left at several exits: several compactions ran
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_weights_signature_sees_every_change(native, monkeypatch):
+    """The fold caches' key: equal while nothing changed; changed by an in-place update (version counter), a new
+    tensor behind a parameter (data pointer), a dtype change; never equal for inference tensors. The C++ stamps and
+    the Python fallback must agree."""
+    from dynconv_ext.models import early_exit as ee
+    if not native:
+        monkeypatch.setattr(ee, "_native_stamps", None)
+    elif ee._native_stamps is None:
+        pytest.skip("extension not loaded")
+    lin = nn.Linear(3, 2)
+    ts = lambda: [lin.weight, lin.bias]  # noqa: E731
+    sig = ee.weights_signature(ts())
+    assert not ee.signature_changed(sig, ee.weights_signature(ts()))
+    assert not ee.signature_changed(sig, ee.weights_signature(t for t in ts()))  # any iterable
+    with torch.no_grad():
+        lin.bias.add_(1.0)
+    new = ee.weights_signature(ts())
+    assert ee.signature_changed(sig, new)
+    lin.weight.data = torch.randn(2, 3)  # no version bump on the old tensor: a new data pointer
+    assert ee.signature_changed(new, ee.weights_signature(ts()))
+    new = ee.weights_signature(ts())
+    lin.double()
+    assert ee.signature_changed(new, ee.weights_signature(ts()))
+    with torch.inference_mode():
+        frozen = nn.Linear(3, 2)
+        a = ee.weights_signature([frozen.weight])
+        assert ee.signature_changed(a, ee.weights_signature([frozen.weight]))

@@ -38,8 +38,25 @@ def tensor_stamp(t: torch.Tensor):
 
 def weights_signature(tensors) -> tuple:
     """The stamps of `tensors` and whether inference mode is on: what a cache of derived tensors (folded weights)
-    was built from. Compare two with :func:`signature_changed`."""
+    was built from. Compare two with :func:`signature_changed`. The stamps are taken in C++ where the extension is
+    loaded (one bytes object; ~20 ns a tensor against ~0.3 us here: an MSDNet holds ~1000 parameters and buffers,
+    checked once a forward), with the same meaning as :func:`tensor_stamp`'s."""
+    tensors = tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+    if _native_stamps is not None:
+        stamps = _native_stamps(tensors)
+        return (object() if stamps is None else stamps, torch.is_inference_mode_enabled())
     return tuple(tensor_stamp(t) for t in tensors) + (torch.is_inference_mode_enabled(),)
+
+
+def _load_native_stamps():
+    from .. import _extension
+    if _extension.load_error() is not None:
+        return None
+    from .. import _C
+    return getattr(_C, "tensor_stamps", None)
+
+
+_native_stamps = _load_native_stamps()
 
 
 def signature_changed(old: Optional[tuple], new: tuple) -> bool:

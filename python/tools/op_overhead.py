@@ -1,4 +1,4 @@
-"""Per-call cost of masked_conv2d's eager dispatch: the fast path (below the autograd key when autograd records
+"""Per-call costs around the kernels. Parts 1-2, masked_conv2d's eager dispatch: the fast path (below the autograd key when autograd records
 nothing, _MaskedConv2dFn when it does) against every call through the autograd kernel registered with
 torch.library (masked_conv2d.EAGER_FAST_PATH = False), interleaved in one process.
 
@@ -10,6 +10,8 @@ in grad mode with weights that require grad (forward only, and forward + backwar
 Part 2: the gated DynConv models in eval at batch 1 under torch.no_grad() (a plain `with torch.no_grad(): net(x)`),
 their gates re-initialized at random (untrained ones execute everything, through dense convs). (Their training
 forward is dense, masks multiplied in: it does not call the op.)
+Part 3: MSDNet / RANet CIFAR at batch 1 (eval, inference_mode) with the fold caches' key (weights_signature, ~1000
+parameters and buffers checked once a forward) taken in C++ or in Python.
 """
 import argparse
 import importlib
@@ -101,6 +103,24 @@ def main():
         fast, reg = ab(lambda: net(xi), torch.no_grad, args.rounds)
         print(f"| {name} | {n} | eval, no_grad | {sum(dens) / len(dens):.2f} | {fast:.2f} | {reg:.2f} | "
               f"{reg / fast:.2f}x |")
+
+    # Part 3: the fold caches' key, taken in C++ (weights_signature) or in Python, once per forward.
+    from dynconv_ext.models import early_exit as ee
+    from dynconv_ext.profile import early_exit_table as eet
+    native = ee._native_stamps
+    print("\n| model | N | C++ stamps ms | Python stamps ms | Python / C++ |\n|---|---|---|---|---|")
+    for name in ("msdnet_cifar", "ranet_cifar"):
+        net = eet.build(name)
+        xi = eet._cifar_input(1)
+
+        def forward(stamps):
+            def run():
+                ee._native_stamps = stamps
+                return net(xi)
+            return run
+        t = interleaved_medians({"native": forward(native), "python": forward(None)}, reps=args.rounds, burst=3)
+        ee._native_stamps = native
+        print(f"| {name} | 1 | {t['native']:.2f} | {t['python']:.2f} | {t['python'] / t['native']:.2f}x |")
 
 
 if __name__ == "__main__":
