@@ -68,6 +68,9 @@ TORCH_LIBRARY(dynconv, m) {
   // Writes input resampled bilinearly (align_corners=True) to out's spatial size into
   // out[:, channel_offset : channel_offset + C] in place (a copy when the sizes agree).
   m.def("resize_into_(Tensor input, Tensor(a!) out, int channel_offset) -> ()");
+  // The pixels a kernel x kernel conv (stride 1, 'same' padding, dilation) reads for its outputs at mask
+  // (bool [N, H, W]): the mask OR-ed with its shifts by multiples of dilation up to dilation * (kernel / 2).
+  m.def("dilate_mask(Tensor mask, int kernel, int dilation) -> Tensor");
   m.def("build_info() -> str", &build_info);
   // Declares a weight constant while it lives: the CPU kernels may keep its packed layout across calls
   // (csrc/cpu/packed_weights.h). For tensors the caller owns and never modifies (folded inference weights).

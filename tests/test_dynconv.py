@@ -93,6 +93,27 @@ def test_executed_macs():
     assert torch.allclose(dens.mean(), torch.tensor(0.25), atol=0.05)
 
 
+def test_last_stats_are_the_last_forwards():
+    # The stats are computed when first read (not in the forward): they must still be those of the last forward,
+    # computed once, and the gate's soft densities must be there in eval.
+    net = models.dynconv_resnet32().eval()
+    x = torch.randn(2, 3, 32, 32)
+    blk = net.blocks[3]
+    with torch.no_grad():
+        net(x, models.block_masks(net, x, 0.25))
+        net(x, models.block_masks(net, x, 1.0))
+    first = blk.last_stats
+    assert first is blk.last_stats  # computed once
+    assert torch.equal(first["density"], torch.ones(2))
+    with torch.no_grad():
+        net(x)  # the gates decide: their soft probabilities are recorded too
+    gated = blk.last_stats
+    assert gated is not first and gated["soft_density"] is not None
+    assert torch.allclose(gated["density"], blk.last_mask.float().mean((1, 2)))
+    blk.last_stats = {"x": 1}
+    assert blk.last_stats == {"x": 1}
+
+
 def test_gradients_reach_gates():
     net = models.dynconv_resnet32().train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))

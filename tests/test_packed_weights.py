@@ -111,3 +111,20 @@ def test_sparse_conv2d_with_a_marked_weight():
         conv.weight.mul_(3)
         ref = F.conv2d(x, conv.weight, conv.bias, 1, 1) * m.unsqueeze(1)
         torch.testing.assert_close(conv(x, m), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_keeps_marked_weights_sparse_at_small_outputs():
+    # 7x7 at batch 1 (ResNet-50's last stage): for an unmarked weight the crossover counts the per-call packing and
+    # computes densely; a marked weight is packed once, so `auto` stays on the sparse kernel (which then keeps a
+    # packing in the cache) and its result is the same.
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 64, 3, 3), torch.randn(64)
+    m = torch.rand(1, 7, 7) < 0.6
+    n0, _ = stats()
+    plain = masked_conv2d(x, w, b, m, 1, 1)
+    assert stats()[0] == n0  # dense fallback: nothing packed
+    wm = mark_constant_weight(w.clone())
+    got = masked_conv2d(x, wm, b, m, 1, 1)
+    assert stats()[0] == n0 + 1  # the sparse kernel ran and kept the packing
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-3)

@@ -1,11 +1,11 @@
 """Gated residual blocks that compute only where their gate says (DynConv)."""
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import active_rows, mark_constant_weight, masked_conv2d
+from ..ops import active_rows, dilate_mask, mark_constant_weight, masked_conv2d
 from ..reference import expand_block_mask
 from .gates import MaskUnit
 
@@ -26,22 +26,9 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
 
 
 def dilate_pixel_mask(mask: torch.Tensor, kernel: int, dilation: int = 1) -> torch.Tensor:
-    """Pixels a kernel x kernel (stride 1, 'same') conv must read so its output is right at `mask` [N, H, W].
-
-    A separable boolean OR of shifted copies: much cheaper than max-pooling a float mask.
-    """
-    if kernel == 1:
-        return mask
-    r = dilation * (kernel // 2)
-    out = mask.clone()
-    for shift in range(dilation, r + 1, dilation):  # horizontal pass
-        out[:, :, shift:] |= mask[:, :, :-shift]
-        out[:, :, :-shift] |= mask[:, :, shift:]
-    rows = out.clone()
-    for shift in range(dilation, r + 1, dilation):  # vertical pass
-        out[:, shift:] |= rows[:, :-shift]
-        out[:, :-shift] |= rows[:, shift:]
-    return out
+    """Pixels a kernel x kernel (stride 1, 'same') conv must read so its output is right at `mask` [N, H, W]
+    (:func:`dynconv_ext.ops.dilate_mask`: one C++ pass on CPU)."""
+    return dilate_mask(mask, kernel, dilation)
 
 
 def shortcut_macs(downsample: Optional[nn.Module], out_pixels: int) -> int:
@@ -56,7 +43,7 @@ def block_stats(cond, cond_dense: float, shortcut: int, gate: int, active, soft)
     """The per-sample MAC and density record every gated block leaves in `last_stats`."""
     return {"dense_macs": cond_dense + shortcut, "executed_macs": cond + shortcut + gate,
             "conditional_dense_macs": cond_dense, "conditional_macs": cond, "density": active,
-            "soft_density": soft.mean((1, 2)) if soft is not None else None}
+            "soft_density": soft().mean((1, 2)) if soft is not None else None}
 
 
 class GatedBlock(nn.Module):
@@ -104,11 +91,32 @@ class GatedBlock(nn.Module):
         return folded
 
     def _mask(self, x: torch.Tensor, out_hw, mask: Optional[torch.Tensor]):
-        """(mask, soft probabilities): the gate's, unless the caller gave a mask (then soft is None)."""
-        return self.gate(x, out_hw) if mask is None else (mask, None)
+        """(mask, soft): the gate's, unless the caller gave a mask (then soft is None). soft is a zero-argument
+        function giving the gate's sigmoid probabilities (only the stats read them; in eval they cost a pass)."""
+        if mask is not None:
+            return mask, None
+        if self.training:
+            mask, soft = self.gate(x, out_hw)
+            return mask, lambda: soft
+        logits = self.gate.logits(x, out_hw)
+        return logits > 0, lambda: torch.sigmoid(logits)
 
-    def _record(self, stats: dict, pix: torch.Tensor, out_hw) -> None:
-        self.last_stats = stats
+    @property
+    def last_stats(self) -> dict:
+        """Per-sample MACs and density of the last forward (see block_stats), computed when first read from that
+        forward's masks (a few small reductions each block and call, which at batch 1 cost about a conv)."""
+        thunk = self.__dict__.get("_stats_thunk")
+        if thunk is not None:
+            self.__dict__["_last_stats"], self.__dict__["_stats_thunk"] = thunk(), None
+        return self.__dict__.get("_last_stats", {})
+
+    @last_stats.setter
+    def last_stats(self, value: dict) -> None:
+        self.__dict__["_last_stats"], self.__dict__["_stats_thunk"] = value, None
+
+    def _record(self, stats: Callable[[], dict], pix: torch.Tensor, out_hw) -> None:
+        """Keeps this forward's stats (a function that computes them, see last_stats) and its pixel mask."""
+        self.__dict__["_stats_thunk"] = stats
         pix = pix.reshape(pix.shape[0], *out_hw)
         self.last_mask = (pix if pix.dtype == torch.bool else pix > 0).detach()
 
@@ -151,8 +159,9 @@ class DynBasicBlock(GatedBlock):
         if self.training:
             pix = expand_block_mask(mask, self.block_size, (ho, wo)).to(x.dtype)
             out = F.relu(identity + self.dense_branch(x) * pix)
-            active = pix.mean((1, 2, 3))
-            dilated = F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
+
+            def densities():
+                return pix.mean((1, 2, 3)), F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
         else:
             mask = mask.bool()
             pix = expand_block_mask(mask, self.block_size, (ho, wo))[:, 0]
@@ -164,9 +173,10 @@ class DynBasicBlock(GatedBlock):
                                    zero_inactive=False)
             out = masked_conv2d(hidden, w2, b2, None if full else mask, 1, 1, block_size=self.block_size,
                                 residual=identity, activation="relu", inplace=self.inplace_residual and not full)
-            active = pix.sum((1, 2)) / float(ho * wo)
-            dilated = dil.sum((1, 2)) / float(ho * wo)
-        self._record(self._stats((h, w), (ho, wo), active, dilated, soft), pix, (ho, wo))
+
+            def densities():
+                return pix.sum((1, 2)) / float(ho * wo), dil.sum((1, 2)) / float(ho * wo)
+        self._record(lambda: self._stats((h, w), (ho, wo), *densities(), soft), pix, (ho, wo))
         return out
 
     def _stats(self, in_hw, out_hw, active, dilated, soft):
@@ -229,8 +239,9 @@ class DynBottleneck(GatedBlock):
         if self.training:
             pix = expand_block_mask(mask, self.block_size, (ho, wo)).to(x.dtype)
             out = F.relu(identity + self.dense_branch(x) * pix)
-            active = pix.mean((1, 2, 3))
-            needed = receptive_input_mask(pix[:, 0] > 0, (h, w), 3, s, 1).float().mean((1, 2))
+
+            def densities():
+                return pix.mean((1, 2, 3)), receptive_input_mask(pix[:, 0] > 0, (h, w), 3, s, 1).float().mean((1, 2))
         else:
             mask = mask.bool()
             pix = expand_block_mask(mask, self.block_size, (ho, wo))[:, 0]
@@ -245,15 +256,20 @@ class DynBottleneck(GatedBlock):
             out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
                                 residual=identity, activation="relu", inplace=self.inplace_residual and not full,
                                 rows=rows)
-            active = pix.sum((1, 2)) / float(ho * wo)
-            needed = (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
-        c1 = self.conv1.in_channels * self.conv1.out_channels
-        c2 = self.conv2.in_channels * self.conv2.out_channels * 9
-        c3 = self.conv3.in_channels * self.conv3.out_channels
-        cond_dense = float(c1 * h * w + (c2 + c3) * ho * wo)
-        cond = needed * c1 * h * w + active * (c2 + c3) * ho * wo
-        self._record(block_stats(cond, cond_dense, shortcut_macs(self.downsample, ho * wo),
-                                 self.gate.macs((h, w), (ho, wo)), active, soft), pix, (ho, wo))
+
+            def densities():
+                return pix.sum((1, 2)) / float(ho * wo), (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
+
+        def stats():
+            active, needed = densities()
+            c1 = self.conv1.in_channels * self.conv1.out_channels
+            c2 = self.conv2.in_channels * self.conv2.out_channels * 9
+            c3 = self.conv3.in_channels * self.conv3.out_channels
+            cond_dense = float(c1 * h * w + (c2 + c3) * ho * wo)
+            cond = needed * c1 * h * w + active * (c2 + c3) * ho * wo
+            return block_stats(cond, cond_dense, shortcut_macs(self.downsample, ho * wo),
+                               self.gate.macs((h, w), (ho, wo)), active, soft)
+        self._record(stats, pix, (ho, wo))
         return out
 
 
@@ -308,9 +324,10 @@ class DynInvertedResidual(GatedBlock):
         if self.training:
             pix = expand_block_mask(mask, self.block_size, (h, w)).to(x.dtype)
             out = x + self.conv(x) * pix
-            active = pix.mean((1, 2, 3))
-            dilated = F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
             pix_b = pix[:, 0] > 0
+
+            def densities():
+                return pix.mean((1, 2, 3)), F.max_pool2d(pix, 3, 1, 1).mean((1, 2, 3))
         else:
             mask = mask.bool()
             pix_b = expand_block_mask(mask, self.block_size, (h, w))[:, 0]
@@ -327,12 +344,18 @@ class DynInvertedResidual(GatedBlock):
                               activation="relu6", zero_inactive=False, rows=rows)  # shared with the projection
             out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
                                 inplace=self.inplace_residual and not full, rows=rows)
-            active = pix_b.sum((1, 2)) / float(h * w)
-            dilated = torch.ones(n) if (full or exp is None) else need.sum((1, 2)) / float(h * w)
-        hidden = dw[0].in_channels
-        ce = c * hidden if exp is not None else 0
-        cd, cp = hidden * 9, hidden * proj.out_channels
-        cond_dense = float((ce + cd + cp) * h * w)
-        cond = (dilated * ce + active * (cd + cp)) * h * w
-        self._record(block_stats(cond, cond_dense, 0, self.gate.macs((h, w), (h, w)), active, soft), pix_b, (h, w))
+
+            def densities():
+                return (pix_b.sum((1, 2)) / float(h * w),
+                        torch.ones(n) if (full or exp is None) else need.sum((1, 2)) / float(h * w))
+
+        def stats():
+            active, dilated = densities()
+            hidden = dw[0].in_channels
+            ce = c * hidden if exp is not None else 0
+            cd, cp = hidden * 9, hidden * proj.out_channels
+            cond_dense = float((ce + cd + cp) * h * w)
+            cond = (dilated * ce + active * (cd + cp)) * h * w
+            return block_stats(cond, cond_dense, 0, self.gate.macs((h, w), (h, w)), active, soft)
+        self._record(stats, pix_b, (h, w))
         return out

@@ -26,7 +26,8 @@ class MaskUnit(nn.Module):
 
     def logits(self, x: torch.Tensor, out_hw) -> torch.Tensor:
         hm, wm = -(-out_hw[0] // self.block_size), -(-out_hw[1] // self.block_size)
-        pooled = F.adaptive_avg_pool2d(x, (hm, wm))
+        # (at the input's own size the pooling is the identity: skip its pass)
+        pooled = x if tuple(x.shape[-2:]) == (hm, wm) else F.adaptive_avg_pool2d(x, (hm, wm))
         return self.conv(pooled)[:, 0]
 
     def forward(self, x: torch.Tensor, out_hw):

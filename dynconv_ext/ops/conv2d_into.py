@@ -31,7 +31,7 @@ import torch
 
 from .. import _extension
 from ..reference import conv2d_into_reference
-from .masked_conv2d import ACTIVATIONS, _output_size, _pair
+from .masked_conv2d import _CONSTANT_FLAG, ACTIVATIONS, _output_size, _pair
 
 IntOr2 = Union[int, Tuple[int, int]]
 INTO_BACKENDS = ("auto", "cpp", "triton", "reference")
@@ -233,6 +233,8 @@ def mark_constant_weight(weight: torch.Tensor) -> torch.Tensor:
     tensors are left unmarked (no version counter); so is everything when the extension is not loaded."""
     if weight.device.type == "cpu" and _extension.load_error() is None and not weight.is_inference():
         torch.ops.dynconv.mark_constant_weight(weight)
+        # (masked_conv2d's auto crossover reads it: a packed weight costs a sparse call nothing to pack)
+        setattr(weight, _CONSTANT_FLAG, True)
     return weight
 
 

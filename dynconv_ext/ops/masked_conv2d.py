@@ -70,15 +70,19 @@ _CPU_PACKING_ROWS = 48.0
 # A threshold <= 1 makes the op read the active count on the host (one sync per call).
 _CUDA_CROSSOVER = 0.5
 _NEVER = 2.0  # a density above 1: always sparse
+# Set on the tensors mark_constant_weight declares constant (the C++ cache keeps their packing).
+_CONSTANT_FLAG = "_dynconv_constant_weight"
 
 
-def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> float:
+def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu", packed: bool = False) -> float:
     """The active density at and above which backend="auto" computes densely (then masks).
 
     Args:
         weight_shape: the conv weight's shape ``[C_out, C_in/groups, kH, kW]``.
         out_pixels: ``N * Ho * Wo`` of the output.
         device_type: ``"cpu"`` (measured), ``"cuda"`` (an unmeasured placeholder), other devices: never dense.
+        packed: the weight is marked constant (:func:`mark_constant_weight`), so the CPU kernel keeps it packed
+            and a sparse call pays no packing: the crossover does not fall with few output pixels.
     """
     if device_type == "cuda":
         return _CUDA_CROSSOVER  # unmeasured placeholder (see above)
@@ -90,6 +94,8 @@ def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu") -> 
         base = _CPU_CROSSOVER_DEPTHWISE
     else:
         base = _CPU_CROSSOVER_KXK
+    if packed:
+        return base
     return max(0.0, base - _CPU_PACKING_ROWS / max(int(out_pixels), 1))
 
 
@@ -320,7 +326,8 @@ def masked_conv2d(
         raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
     _extension.require_extension()
     if backend == "auto":
-        threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, device_type)
+        threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, device_type,
+                                    packed=on_cpu and getattr(weight, _CONSTANT_FLAG, False))
     else:
         threshold = {"cpp": _NEVER, "cuda": _NEVER, "dense": 0.0}[backend]
     args = (input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
