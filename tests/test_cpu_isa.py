@@ -178,3 +178,23 @@ def test_depthwise_isa(isa, shape, layout, density):
     conv2d_into(x, w, b, out, 2, st, pad, dil, c, activation="relu")
     torch.testing.assert_close(out[:, 2:2 + cout], F.conv2d(x, w, b, st, pad, dil, c).relu(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, :2], before[:, :2]) and torch.equal(out[:, 2 + cout:], before[:, 2 + cout:])
+
+
+@pytest.mark.parametrize("zmm16", ["1", "0"])
+@pytest.mark.parametrize("cout,groups", [(16, 1), (12, 1), (32, 2)])
+def test_masked_conv2d_16_channel_block(monkeypatch, isa, zmm16, cout, groups):
+    # 9-16 output channels per group: the AVX-512 8x16 block (DYNCONV_EXT_ZMM16=0: the AVX2 6x16 one). 64 images of
+    # 32x32 make a >= 4 MiB output at 16 channels: streaming stores and the inactive pixels zeroed inside the block.
+    monkeypatch.setenv("DYNCONV_EXT_ZMM16", zmm16)
+    gen = torch.Generator().manual_seed(cout + groups)
+    x = torch.randn(64, 16, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, 16 // groups, 3, 3, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    m = torch.rand(64, 32, 32, generator=gen) < 0.3
+    y = masked_conv2d(x, w, b, m, 1, 1, 1, groups, backend="cpp")
+    ref = masked_conv2d_reference(x, w, b, m, 1, 1, 1, groups, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    assert (y.permute(1, 0, 2, 3)[:, ~m] == 0).all()
+    r = torch.randn(64, cout, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    yr = masked_conv2d(x, w, b, m, 1, 1, 1, groups, backend="cpp", residual=r, activation="relu")
+    torch.testing.assert_close(yr, torch.where(m.unsqueeze(1), (ref + r).relu(), r), rtol=1e-4, atol=1e-3)

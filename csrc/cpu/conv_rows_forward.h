@@ -221,6 +221,16 @@ struct Block8x32 {
   }
 };
 
+struct Block8x16z {
+  static constexpr int64_t MR = kMR16z, NR = kNR16z;
+  static constexpr bool kPrefetchInputs = false;
+  template <typename T>
+  static void run(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool acc,
+                  bool /*pf*/) {
+    conv_block_8x16z<T>(ntaps, cg, rows, b, c, ldc, acc);
+  }
+};
+
 struct Block6x64 {
   static constexpr int64_t MR = kMR64, NR = kNR64;
   static constexpr bool kPrefetchInputs = false;
@@ -243,6 +253,13 @@ struct FusedEpilogue<float, Block6x64> {
   static constexpr bool kAvailable = true;
   static void store(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
     conv_block_6x64z_store_table(ntaps, cg, rows, b, st);
+  }
+};
+template <>
+struct FusedEpilogue<float, Block8x16z> {
+  static constexpr bool kAvailable = true;
+  static void store(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, const RowStore& st) {
+    conv_block_8x16z_store_table(ntaps, cg, rows, b, st);
   }
 };
 template <>
@@ -688,6 +705,9 @@ void forward_dense_fused(const ConvShape& s, const float* x, const InView& iv, c
 // DYNCONV_EXT_PLANAR_NARROW=0 turns off forward_planar_narrow (planar_narrow.h) for dense convs to <= 8 channels
 // (read per call: python/tools/planar_narrow_ab.py).
 inline bool planar_narrow_enabled() { return env_switch_on("DYNCONV_EXT_PLANAR_NARROW"); }
+// DYNCONV_EXT_ZMM16=0 (read per call) keeps masked convs with 9-16 output channels per group on the AVX2 6x16 block
+// instead of the AVX-512 8x16 one (python/tools/masked_switch_ab.py --var DYNCONV_EXT_ZMM16).
+inline bool zmm16_enabled() { return env_switch_on("DYNCONV_EXT_ZMM16"); }
 
 template <typename T>
 void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Tensor& weight, const T* bias,
@@ -733,6 +753,12 @@ void forward_gemm(const ConvShape& s, const T* x, const InView& iv, const at::Te
     else
       forward_gemm_blocked<T, Block8x32>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
   }
+  else if (std::is_same_v<T, float> && tile_gemm_uses_avx512() && zmm16_enabled())
+    // 9-16 channels per group (CIFAR ResNets' 16-channel stage): one zmm per row. In one-process A/Bs on the 2-core
+    // AVX-512 Xeon (python python/tools/masked_switch_ab.py --var DYNCONV_EXT_ZMM16 --shapes narrow): 1.06-1.33x
+    // over the AVX2 6x16 block at batch 8-64, densities 0.25-1.0; 0.93-1.05x at batch 1 (30-50 us calls). 12- and
+    // 16-row variants measured the same.
+    forward_gemm_blocked<T, Block8x16z>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
   else
     forward_gemm_blocked<T, Block6x16>(s, x, iv, weight, bias, rows, M, out, ov, add, act, zero_mask);
 }

@@ -736,6 +736,24 @@ void conv_block_8x32<double>(int64_t ntaps, int64_t cg, const double* const* row
 }
 
 template <>
+void conv_block_8x16z<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
+                             int64_t ldc, bool accumulate) {
+#ifdef DYNCONV_X86
+  if (cpu_has_avx512f()) {
+    conv_block_zmm<kMR16z, 1>(ntaps, cg, rows, b, c, ldc, accumulate);
+    return;
+  }
+#endif
+  conv_block_generic<float, kMR16z, kNR16z>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
+void conv_block_8x16z<double>(int64_t ntaps, int64_t cg, const double* const* rows, const double* b, double* c,
+                              int64_t ldc, bool accumulate) {
+  conv_block_generic<double, kMR16z, kNR16z>(ntaps, cg, rows, b, c, ldc, accumulate);
+}
+
+template <>
 void conv_block_6x64<float>(int64_t ntaps, int64_t cg, const float* const* rows, const float* b, float* c,
                             int64_t ldc, bool accumulate, bool prefetch_b) {
 #ifdef DYNCONV_X86

@@ -102,6 +102,13 @@ constexpr int64_t kNR32 = 32;
 template <typename T>
 void conv_block_8x32(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate,
                      bool prefetch_b = false);
+// 8 rows x 16 channels (one zmm per row, 8 accumulators): masked convs with 9-16 output channels per group, which
+// the AVX2 6x16 block runs at half the vector width.
+constexpr int64_t kMR16z = 8;
+constexpr int64_t kNR16z = 16;
+template <typename T>
+void conv_block_8x16z(int64_t ntaps, int64_t cg, const T* const* rows, const T* b, T* c, int64_t ldc, bool accumulate);
+
 constexpr int64_t kMR64 = 6;
 constexpr int64_t kNR64 = 64;
 template <typename T>
