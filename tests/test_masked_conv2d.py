@@ -433,3 +433,37 @@ def test_large_output_zero_gaps_3x3(monkeypatch, zero_in_kernel, density):
     sel = m[:, None].expand_as(out)
     torch.testing.assert_close(out[sel], ref[sel], rtol=1e-4, atol=1e-4)
     assert torch.all(out[~sel] == 0)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_unchecked_entry_matches_masked_conv2d(mode):
+    # masked_conv2d_unchecked (the gated blocks' entry, no Python-side validation) computes what masked_conv2d does:
+    # pixel and block masks, stride, groups, residual (copied or in place), activation, unspecified inactive pixels;
+    # in grad mode with tensors that require grad it hands over to masked_conv2d (gradients flow).
+    from dynconv_ext.ops.masked_conv2d import masked_conv2d_unchecked
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(12, 4, 3, 3), torch.randn(12)
+    pix = torch.rand(2, 5, 5) < 0.5
+    blk = torch.rand(2, 1, 3, 3) < 0.5
+    r = torch.randn(2, 12, 5, 5).contiguous(memory_format=torch.channels_last)
+    ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(mode, torch.enable_grad)
+    with ctx():
+        for m, bs in ((pix, None), (blk, 2)):
+            kw = dict(block_size=bs, residual=r, activation="relu")
+            torch.testing.assert_close(masked_conv2d_unchecked(x, w, b, m, (2, 2), 1, 1, 2, **kw),
+                                       masked_conv2d(x, w, b, m, 2, 1, 1, 2, **kw), rtol=0, atol=0)
+            want = masked_conv2d(x, w, None, m, 2, 1, 1, 2, block_size=bs)
+            got = masked_conv2d_unchecked(x, w, None, m, 2, 1, 1, 2, block_size=bs, zero_inactive=False)
+            active = (want != 0).any(1)
+            torch.testing.assert_close(got.permute(1, 0, 2, 3)[:, active], want.permute(1, 0, 2, 3)[:, active])
+        if mode != "grad":
+            ri = r.clone()
+            out = masked_conv2d_unchecked(x, w, b, pix, 2, 1, 1, 2, residual=ri, activation="relu", inplace=True)
+            assert out is ri or out.data_ptr() == ri.data_ptr()
+            torch.testing.assert_close(ri, masked_conv2d(x, w, b, pix, 2, 1, 1, 2, residual=r, activation="relu"))
+    if mode == "grad":
+        wg = w.clone().requires_grad_()
+        y = masked_conv2d_unchecked(x, wg, b, pix, 2, 1, 1, 2)
+        y.sum().backward()
+        assert wg.grad is not None and wg.grad.abs().sum() > 0

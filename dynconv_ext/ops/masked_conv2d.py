@@ -343,6 +343,39 @@ def masked_conv2d(
     return op(*args, *tail)
 
 
+def masked_conv2d_unchecked(input, weight, bias, mask, stride, padding, dilation=1, groups: int = 1, *,
+                            block_size: Optional[int] = None, residual=None, activation: Optional[str] = None,
+                            inplace: bool = False, zero_inactive: bool = True, rows=None) -> torch.Tensor:
+    """:func:`masked_conv2d` (backend ``"auto"``) for callers that built every argument themselves (the gated DynConv
+    blocks' inference paths, two or three convs a block): no Python-side validation, which cost ~8 us a call at batch
+    1 against ~10 us for the whole C++ op on a small conv; the C++ kernel still checks shapes, dtypes and the mask.
+    ``block_size=None`` means a pixel mask (no inference of the block size from the mask's shape). Anything but CPU
+    tensors with a mask, outside autograd and torch.compile, goes through :func:`masked_conv2d`."""
+    if (mask is None or input.device.type != "cpu" or _extension.load_error() is not None
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias,
+                                                                                             residual)))):
+        return masked_conv2d(input, weight, bias, mask, stride, padding, dilation, groups, block_size=block_size,
+                             residual=residual, activation=activation, inplace=inplace, zero_inactive=zero_inactive,
+                             rows=rows)
+    st = [stride, stride] if isinstance(stride, int) else list(stride)
+    pd = [padding, padding] if isinstance(padding, int) else list(padding)
+    dl = [dilation, dilation] if isinstance(dilation, int) else list(dilation)
+    n, _, h, w = input.shape
+    ho, wo = _output_size(h, w, weight.shape[2], weight.shape[3], st, pd, dl)
+    threshold = dense_crossover(weight.shape, n * ho * wo, "cpu", packed=getattr(weight, _CONSTANT_FLAG, False))
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    block = 1 if block_size is None else block_size
+    args = (input, weight, bias, mask, st, pd, dl, groups, block, residual, ACTIVATIONS[activation], threshold)
+    op, tail = ((torch.ops.dynconv.masked_conv2d_residual_, (rows,)) if inplace
+                else (torch.ops.dynconv.masked_conv2d, (zero_inactive, rows)))
+    if torch.is_inference_mode_enabled():
+        return op(*args, *tail)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args, *tail)
+
+
 # How an eager call reaches the op's kernels. The autograd kernel registered below from Python
 # (torch.library.register_autograd) costs ~6 us a call when it records nothing and ~60 us when it does (torch's
 # fill_defaults rebuilds the schema's argument list once per argument) on the 2-core Xeon

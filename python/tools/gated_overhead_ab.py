@@ -4,8 +4,10 @@ pieces it replaced put back (interleaved in one process, a fresh order every rou
     python python/tools/gated_overhead_ab.py [--rounds 9]
 
 "now": stats computed only when read (GatedBlock.last_stats), the gate's identity pooling skipped, the mask
-dilation one C++ op (dynconv::dilate_mask). "before": every forward reads last_stats (the stats computed each
-time, as they were), the gate pools at its input's own size, the dilation runs as shifted torch copies. "dense": the
+dilation one C++ op (dynconv::dilate_mask), the convs called without Python-side validation
+(masked_conv2d_unchecked). "before": every forward reads last_stats (the stats computed each time, as they were),
+the gate pools at its input's own size, the dilation runs as shifted torch copies, the convs go through the checked
+masked_conv2d. "dense": the
 same network computed densely with BN folded (forward_dense(fold_bn=True)). The gates are re-initialized at random
 (zero bias, normal weights): untrained ones execute everything through dense convs.
 """
@@ -38,7 +40,8 @@ def main():
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    logits_now, op_dilate = MaskUnit.logits, blocks_mod.dilate_mask
+    logits_now, op_dilate, conv_now = MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d
+    from dynconv_ext.ops import masked_conv2d as conv_checked
 
     def torch_dilate(mask, kernel, dilation=1):
         return mask if kernel == 1 else dm._dilate_torch(mask, kernel, dilation)
@@ -60,18 +63,18 @@ def main():
         dens = [float(b.last_stats["density"].mean()) for b in blocks]
 
         def now():
-            MaskUnit.logits, blocks_mod.dilate_mask = logits_now, op_dilate
+            MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = logits_now, op_dilate, conv_now
             return net(x)
 
         def before():
-            MaskUnit.logits, blocks_mod.dilate_mask = pooled_logits, torch_dilate
+            MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = pooled_logits, torch_dilate, conv_checked
             out = net(x)
             for b in blocks:
                 b.last_stats
             return out
         t = interleaved_medians({"now": now, "before": before, "dense": lambda: net.forward_dense(x, fold_bn=True)},
                                 reps=args.rounds, burst=2)
-        MaskUnit.logits, blocks_mod.dilate_mask = logits_now, op_dilate
+        MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = logits_now, op_dilate, conv_now
         print(f"| {name} | {n} | {sum(dens) / len(dens):.2f} | {t['now']:.2f} | {t['before']:.2f} | "
               f"{t['before'] / t['now']:.2f}x | {t['dense']:.2f} | {t['dense'] / t['now']:.2f}x |", flush=True)
 
