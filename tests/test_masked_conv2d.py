@@ -208,8 +208,10 @@ def test_dense_crossover_rule():
     assert dense_crossover((256, 256, 3, 3), 14 * 14) < dense_crossover((256, 256, 3, 3), 8 * 14 * 14)
     assert dense_crossover((64, 64, 3, 3), 1) == 0.0  # a single output pixel: packing dominates
     # a weight whose packing the kernels keep (marked constant) pays none: no fall with few pixels
-    assert dense_crossover((512, 512, 3, 3), 49, packed=True) == pytest.approx(0.9)
     assert dense_crossover((512, 512, 3, 3), 49) == 0.0
+    assert dense_crossover((512, 512, 3, 3), 49, packed=True) > 1.0  # small outputs: the sparse kernel throughout
+    assert dense_crossover((64, 64, 3, 3), 8 * 56 * 56, packed=True) == pytest.approx(0.9)
+    assert dense_crossover((144, 1, 3, 3), 49, packed=True) < 1.0  # depthwise (nothing to pack): as before
     assert dense_crossover((144, 1, 3, 3), 8 * 56 * 56) < dense_crossover((144, 144, 3, 3), 8 * 56 * 56)  # depthwise
     assert 0.0 < dense_crossover((64, 64, 3, 3), 100, "cuda") <= 1.0  # CUDA: a placeholder crossover
     assert dense_crossover((64, 64, 3, 3), 100, "mps") > 1.0  # devices without a measurement: never dense

@@ -78,7 +78,8 @@ at::Tensor masked_conv2d_cpu_impl(const at::Tensor& input, const at::Tensor& wei
     // Dense fallback: oneDNN's conv, inactive pixels zeroed in place (one pass, no expanded mask).
     at::Tensor out = at::conv2d(input, weight, bias, stride, padding, dilation, groups);
     const bool partial = n_active != s.out_pixels();
-    if (partial && !has_res) {  // with a residual, the `where` below restores inactive pixels instead
+    // With a residual the `where` below restores inactive pixels instead; zero_inactive=False leaves them as computed.
+    if (partial && !has_res && zero_inactive_pixels) {
       AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_conv2d_dense_fallback", [&] {
         scalar_t* op = out.data_ptr<scalar_t>();
         const OutView ov = out_view(out);

@@ -64,6 +64,7 @@ _CPU_CROSSOVER_KXK = 0.9
 _CPU_CROSSOVER_DEPTHWISE = 0.65
 _CPU_CROSSOVER_1X1 = {"narrow": 0.6, "wide": 0.8}  # C_in/groups < 128, >= 128
 _CPU_PACKING_ROWS = 48.0
+_CPU_PACKED_SPARSE_PIXELS = 4096  # output pixels up to which a packed (constant) weight never goes dense
 # CUDA: a conservative PLACEHOLDER, not measured yet (no GPU was available when the CUDA kernel was
 # written). The CUDA C++ kernel is a SIMT implicit GEMM while cuDNN uses tensor cores, so it is unlikely
 # to win above half density; replace with the crossover from benchmarks/test_masked_conv2d_gpu_bench.py.
@@ -95,6 +96,12 @@ def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu", pac
     else:
         base = _CPU_CROSSOVER_KXK
     if packed:
+        # Small outputs (batch 1-8 in a deep stage): there oneDNN's dense conv reorders the weight on every call and
+        # loses to the sparse kernel with its cached packing even at density 0.95 (with ReLU, both ways): 1.12-4.3x
+        # on ResNet layer shapes of <= 3136 output pixels, 0.96x on two (16ch 32x32 batch 8, 256ch 14x14 batch 8), on
+        # the 2-core AVX-512 Xeon (benchmarks/results/packed_crossover_ab_cpu_xeon_2026-12-04.md).
+        if weight_shape[1] > 1 and out_pixels <= _CPU_PACKED_SPARSE_PIXELS:
+            return _NEVER
         return base
     return max(0.0, base - _CPU_PACKING_ROWS / max(int(out_pixels), 1))
 
