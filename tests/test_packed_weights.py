@@ -128,3 +128,22 @@ def test_auto_keeps_marked_weights_sparse_at_small_outputs():
     got = masked_conv2d(x, wm, b, m, 1, 1)
     assert stats()[0] == n0 + 1  # the sparse kernel ran and kept the packing
     torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_keeps_marked_weights_sparse_at_high_density_small_outputs():
+    # Up to 4096 output pixels a marked weight stays on the sparse kernel even at density 0.95 (where an unmarked
+    # one goes dense): the dense conv reorders the weight on every call there.
+    torch.manual_seed(1)
+    x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 32, 3, 3), torch.randn(32)
+    m = torch.rand(2, 14, 14) < 0.95
+    n0, _ = stats()
+    plain = masked_conv2d(x, w, b, m, 1, 1, activation="relu")
+    assert stats()[0] == n0
+    wm = mark_constant_weight(w.clone())
+    got = masked_conv2d(x, wm, b, m, 1, 1, activation="relu")
+    assert stats()[0] == n0 + 1
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-3)
+    # the dense fallback with zero_inactive=False: right where active (the rest is unspecified)
+    loose = masked_conv2d(x, w, b, m, 1, 1, activation="relu", backend="dense", zero_inactive=False)
+    torch.testing.assert_close(loose.permute(1, 0, 2, 3)[:, m], plain.permute(1, 0, 2, 3)[:, m], rtol=1e-4, atol=1e-3)
