@@ -371,3 +371,14 @@ def test_eval_forward_with_grad_still_reaches_the_weights():
         b(x, mask)  # fills the cache
     b(x, mask).sum().backward()
     assert b.conv1.weight.grad is not None and b.conv1.weight.grad.abs().sum() > 0
+
+
+def test_randomize_gates_gives_partial_masks():
+    torch.manual_seed(0)
+    net = models.randomize_gates(models.dynconv_resnet32().eval())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        net(x)
+    dens = torch.stack([b.last_stats["density"] for b in models.gated_blocks(net)])
+    assert 0.2 < float(dens.mean()) < 0.8  # untrained gates (bias 3) would execute everything
+    assert all(float(b.gate.conv.bias.abs().max()) == 0.0 for b in models.gated_blocks(net))

@@ -1,5 +1,5 @@
 """Helpers shared by the dynamic models: executed-MAC accounting and benchmark masks."""
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -74,3 +74,19 @@ def block_masks(model: nn.Module, x: torch.Tensor, density: float, coherent: boo
         thresh = flat.sort(1, descending=True).values[:, k - 1].reshape(-1, 1, 1, 1)
         masks.append((noise >= thresh)[:, 0])
     return masks
+
+
+def randomize_gates(model: nn.Module, std: float = 1.0, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Gives every gate of `model` zero bias and N(0, std) weights (from `generator`, else torch's global RNG), in
+    place, and returns the model.
+
+    Untrained gates start fully executed (bias 3: every conv dense), which times nothing of the masked path; random
+    ones give partial, spatially noisy pixel masks (about half the pixels at std 1): the benchmarks' stand-in for a
+    trained model, and a pessimistic one (noisy masks dilate to nearly every pixel)."""
+    from ..nn.gates import MaskUnit
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, MaskUnit):
+                mod.conv.weight.normal_(0.0, std, generator=generator)
+                mod.conv.bias.zero_()
+    return model

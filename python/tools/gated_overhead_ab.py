@@ -52,10 +52,7 @@ def main():
     for name, factory, n, size in CASES:
         torch.manual_seed(0)
         net = factory().eval()
-        for mod in net.modules():
-            if isinstance(mod, MaskUnit):
-                torch.nn.init.normal_(mod.conv.weight, std=1.0)
-                torch.nn.init.zeros_(mod.conv.bias)
+        models.randomize_gates(net, std=1.0)
         blocks = [b for b in net.modules() if hasattr(b, "_stats_thunk") or hasattr(type(b), "last_stats")]
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

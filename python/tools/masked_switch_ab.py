@@ -56,15 +56,11 @@ def main():
     if args.model:
         # the gated CIFAR ResNet-32 in eval, gates re-initialized at random (untrained ones execute everything)
         from dynconv_ext import models
-        from dynconv_ext.nn.gates import MaskUnit
         print("\n| model | N | on: ms | off: ms | speedup |\n|---|---|---|---|---|")
         for n in (8, 64):
             torch.manual_seed(0)
             net = models.dynconv_resnet32().eval()
-            for mod in net.modules():
-                if isinstance(mod, MaskUnit):
-                    torch.nn.init.normal_(mod.conv.weight, std=1.0)
-                    torch.nn.init.zeros_(mod.conv.bias)
+            models.randomize_gates(net, std=1.0)
             x = torch.randn(n, 3, 32, 32).contiguous(memory_format=torch.channels_last)
             fwd = (lambda net=net, x=x: net(x))
             t = interleaved_medians({"on": with_env_switch(fwd, var, True), "off": with_env_switch(fwd, var, False)},

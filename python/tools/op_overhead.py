@@ -21,7 +21,6 @@ import torch
 
 from dynconv_ext import models
 from dynconv_ext.nn import SparseConv2d
-from dynconv_ext.nn.gates import MaskUnit
 from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 # (the module: dynconv_ext.ops.masked_conv2d as an attribute is the function of the same name)
@@ -91,11 +90,7 @@ def main():
                                    ("dynconv_mobilenetv2", models.dynconv_mobilenetv2, 1, 224)]:
         torch.manual_seed(0)
         net = factory().eval()
-        # Untrained gates start fully executed (dense convs, no masked op): random gates give partial masks.
-        for mod in net.modules():
-            if isinstance(mod, MaskUnit):
-                torch.nn.init.normal_(mod.conv.weight, std=1.0)
-                torch.nn.init.zeros_(mod.conv.bias)
+        models.randomize_gates(net, std=1.0)
         xi = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             net(xi)

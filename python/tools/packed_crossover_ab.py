@@ -16,7 +16,6 @@ import os
 import torch
 
 from dynconv_ext import models
-from dynconv_ext.nn.gates import MaskUnit
 from dynconv_ext.profile.timing import interleaved_medians, machine_description
 
 mc = importlib.import_module("dynconv_ext.ops.masked_conv2d")
@@ -43,10 +42,7 @@ def main():
     for name, factory, n, size in CASES:
         torch.manual_seed(0)
         net = factory().eval()
-        for mod in net.modules():
-            if isinstance(mod, MaskUnit):
-                torch.nn.init.normal_(mod.conv.weight, std=args.gate_std)
-                torch.nn.init.zeros_(mod.conv.bias)
+        models.randomize_gates(net, std=args.gate_std)
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             net(x)
