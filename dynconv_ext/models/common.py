@@ -76,6 +76,12 @@ def block_masks(model: nn.Module, x: torch.Tensor, density: float, coherent: boo
     return masks
 
 
+def mean_density(model: nn.Module) -> float:
+    """The last forward's active density, averaged over the gated blocks and the samples."""
+    dens = [float(b.last_stats["density"].mean()) for b in gated_blocks(model)]
+    return sum(dens) / len(dens)
+
+
 def randomize_gates(model: nn.Module, std: float = 1.0, generator: Optional[torch.Generator] = None) -> nn.Module:
     """Gives every gate of `model` zero bias and N(0, std) weights (from `generator`, else torch's global RNG), in
     place, and returns the model.

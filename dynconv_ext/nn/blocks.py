@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import active_rows, dilate_mask, mark_constant_weight
-from ..ops.masked_conv2d import masked_conv2d_unchecked as masked_conv2d  # (arguments built here)
+from ..ops.masked_conv2d import masked_conv2d_unchecked
 from ..reference import expand_block_mask
 from .gates import MaskUnit
 
@@ -170,10 +170,11 @@ class DynBasicBlock(GatedBlock):
             dil = pix if full else dilate_pixel_mask(pix, 3)
             (w1, b1), (w2, b2) = self._folded(self.conv_bn_pairs())
             # conv2 reads `hidden` only inside `dil`, where it is computed: no need to zero the rest.
-            hidden = masked_conv2d(x, w1, b1, None if full else dil, self.conv1.stride, 1, activation="relu",
-                                   zero_inactive=False)
-            out = masked_conv2d(hidden, w2, b2, None if full else mask, 1, 1, block_size=self.block_size,
-                                residual=identity, activation="relu", inplace=self.inplace_residual and not full)
+            hidden = masked_conv2d_unchecked(x, w1, b1, None if full else dil, self.conv1.stride, 1,
+                                             activation="relu", zero_inactive=False)
+            out = masked_conv2d_unchecked(hidden, w2, b2, None if full else mask, 1, 1, block_size=self.block_size,
+                                          residual=identity, activation="relu",
+                                          inplace=self.inplace_residual and not full)
 
             def densities():
                 return pix.sum((1, 2)) / float(ho * wo), dil.sum((1, 2)) / float(ho * wo)
@@ -250,13 +251,14 @@ class DynBottleneck(GatedBlock):
             need = None if full else receptive_input_mask(pix, (h, w), 3, s, 1)
             (w1, b1), (w2, b2), (w3, b3) = self._folded(self.conv_bn_pairs())
             # Each intermediate is read only where it was computed: leave the rest unspecified (no zeroing).
-            t = masked_conv2d(x, w1, b1, need, 1, 0, activation="relu", zero_inactive=False)
+            t = masked_conv2d_unchecked(x, w1, b1, need, 1, 0, activation="relu", zero_inactive=False)
             rows = None if (full or x.device.type != "cpu") else active_rows(mask, (ho, wo), self.block_size)
-            t = masked_conv2d(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size, activation="relu",
-                              zero_inactive=False, rows=rows)  # conv2 and conv3 share one index map
-            out = masked_conv2d(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
-                                residual=identity, activation="relu", inplace=self.inplace_residual and not full,
-                                rows=rows)
+            t = masked_conv2d_unchecked(t, w2, b2, None if full else mask, s, 1, block_size=self.block_size,
+                                        activation="relu", zero_inactive=False,
+                                        rows=rows)  # conv2 and conv3 share one index map
+            out = masked_conv2d_unchecked(t, w3, b3, None if full else mask, 1, 0, block_size=self.block_size,
+                                          residual=identity, activation="relu",
+                                          inplace=self.inplace_residual and not full, rows=rows)
 
             def densities():
                 return pix.sum((1, 2)) / float(ho * wo), (torch.ones(n) if full else need.sum((1, 2)) / float(h * w))
@@ -339,12 +341,13 @@ class DynInvertedResidual(GatedBlock):
             if exp is not None:
                 we, be = folded[0]
                 need = None if full else dilate_pixel_mask(pix_b, 3)
-                t = masked_conv2d(x, we, be, need, 1, 0, activation="relu6", zero_inactive=False)
+                t = masked_conv2d_unchecked(x, we, be, need, 1, 0, activation="relu6", zero_inactive=False)
             rows = None if (full or x.device.type != "cpu") else active_rows(mask, (h, w), self.block_size)
-            t = masked_conv2d(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups, block_size=self.block_size,
-                              activation="relu6", zero_inactive=False, rows=rows)  # shared with the projection
-            out = masked_conv2d(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size, residual=x,
-                                inplace=self.inplace_residual and not full, rows=rows)
+            t = masked_conv2d_unchecked(t, wd, bd, None if full else mask, 1, 1, groups=dw[0].groups,
+                                        block_size=self.block_size, activation="relu6", zero_inactive=False,
+                                        rows=rows)  # shared with the projection
+            out = masked_conv2d_unchecked(t, wp, bp, None if full else mask, 1, 0, block_size=self.block_size,
+                                          residual=x, inplace=self.inplace_residual and not full, rows=rows)
 
             def densities():
                 return (pix_b.sum((1, 2)) / float(h * w),

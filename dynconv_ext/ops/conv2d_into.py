@@ -31,21 +31,11 @@ import torch
 
 from .. import _extension
 from ..reference import conv2d_into_reference
-from .masked_conv2d import _CONSTANT_FLAG, ACTIVATIONS, _output_size, _pair
+from .masked_conv2d import _CONSTANT_FLAG, ACTIVATIONS, _output_size, _pair, records_grad
 
 IntOr2 = Union[int, Tuple[int, int]]
 INTO_BACKENDS = ("auto", "cpp", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def records_grad(*tensors) -> bool:
-    """Whether autograd records an op on these tensors (None entries ignored): grad mode on and one requires grad."""
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
 
 
 def _validate(input, weight, bias, out, channel_offset, stride, padding, dilation, groups):

@@ -75,6 +75,16 @@ _NEVER = 2.0  # a density above 1: always sparse
 _CONSTANT_FLAG = "_dynconv_constant_weight"
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None entries ignored): grad mode on and one requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def dense_crossover(weight_shape, out_pixels: int, device_type: str = "cpu", packed: bool = False) -> float:
     """The active density at and above which backend="auto" computes densely (then masks).
 
@@ -333,21 +343,11 @@ def masked_conv2d(
         raise TypeError(f"masked_conv2d: CPU kernels support float32 and float64, got {input.dtype}")
     _extension.require_extension()
     if backend == "auto":
-        threshold = dense_crossover(weight.shape, input.shape[0] * ho * wo, device_type,
-                                    packed=on_cpu and getattr(weight, _CONSTANT_FLAG, False))
+        threshold = _auto_threshold(weight, input.shape[0] * ho * wo, device_type)
     else:
         threshold = {"cpp": _NEVER, "cuda": _NEVER, "dense": 0.0}[backend]
-    args = (input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
-            ACTIVATIONS[activation], threshold)
-    op = torch.ops.dynconv.masked_conv2d_residual_ if inplace else torch.ops.dynconv.masked_conv2d
-    tail = (rows,) if inplace else (zero_inactive, rows)
-    how = _eager_dispatch(input, weight, bias, residual)
-    if how == _BELOW_AUTOGRAD:
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args, *tail)
-    if how == _RECORD and not inplace:  # (inplace refused tensors that require grad above)
-        return _MaskedConv2dFn.apply(*args, *tail)
-    return op(*args, *tail)
+    return _call_op((input, weight, bias, mask, list(stride), list(padding), list(dilation), groups, block, residual,
+                     ACTIVATIONS[activation], threshold), inplace, zero_inactive, rows)
 
 
 def masked_conv2d_unchecked(input, weight, bias, mask, stride, padding, dilation=1, groups: int = 1, *,
@@ -359,9 +359,7 @@ def masked_conv2d_unchecked(input, weight, bias, mask, stride, padding, dilation
     ``block_size=None`` means a pixel mask (no inference of the block size from the mask's shape). Anything but CPU
     tensors with a mask, outside autograd and torch.compile, goes through :func:`masked_conv2d`."""
     if (mask is None or input.device.type != "cpu" or _extension.load_error() is not None
-            or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias,
-                                                                                             residual)))):
+            or torch.compiler.is_compiling() or records_grad(input, weight, bias, residual)):
         return masked_conv2d(input, weight, bias, mask, stride, padding, dilation, groups, block_size=block_size,
                              residual=residual, activation=activation, inplace=inplace, zero_inactive=zero_inactive,
                              rows=rows)
@@ -370,17 +368,31 @@ def masked_conv2d_unchecked(input, weight, bias, mask, stride, padding, dilation
     dl = [dilation, dilation] if isinstance(dilation, int) else list(dilation)
     n, _, h, w = input.shape
     ho, wo = _output_size(h, w, weight.shape[2], weight.shape[3], st, pd, dl)
-    threshold = dense_crossover(weight.shape, n * ho * wo, "cpu", packed=getattr(weight, _CONSTANT_FLAG, False))
     if mask.dim() == 4:
         mask = mask[:, 0]
     block = 1 if block_size is None else block_size
-    args = (input, weight, bias, mask, st, pd, dl, groups, block, residual, ACTIVATIONS[activation], threshold)
+    return _call_op((input, weight, bias, mask, st, pd, dl, groups, block, residual, ACTIVATIONS[activation],
+                     _auto_threshold(weight, n * ho * wo, "cpu")), inplace, zero_inactive, rows)
+
+
+def _auto_threshold(weight: torch.Tensor, out_pixels: int, device_type: str) -> float:
+    """backend="auto"'s crossover for this weight (marked-constant CPU weights count as packed)."""
+    return dense_crossover(weight.shape, out_pixels, device_type,
+                           packed=device_type == "cpu" and getattr(weight, _CONSTANT_FLAG, False))
+
+
+def _call_op(args: tuple, inplace: bool, zero_inactive: bool, rows) -> torch.Tensor:
+    """The op on its 12 leading arguments (input ... dense_threshold), as _eager_dispatch says to reach it."""
     op, tail = ((torch.ops.dynconv.masked_conv2d_residual_, (rows,)) if inplace
                 else (torch.ops.dynconv.masked_conv2d, (zero_inactive, rows)))
-    if torch.is_inference_mode_enabled():
-        return op(*args, *tail)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args, *tail)
+    input, weight, bias, residual = args[0], args[1], args[2], args[9]
+    how = _eager_dispatch(input, weight, bias, residual)
+    if how == _BELOW_AUTOGRAD:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, *tail)
+    if how == _RECORD and not inplace:  # (masked_conv2d refused inplace with tensors that require grad)
+        return _MaskedConv2dFn.apply(*args, *tail)
+    return op(*args, *tail)
 
 
 # How an eager call reaches the op's kernels. The autograd kernel registered below from Python
@@ -399,9 +411,7 @@ def _eager_dispatch(input, weight, bias, residual) -> int:
     # (is_compiling first: dynamo cannot trace is_inference_mode_enabled)
     if not EAGER_FAST_PATH or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return _PLAIN
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
-        return _RECORD
-    return _BELOW_AUTOGRAD
+    return _RECORD if records_grad(input, weight, bias, residual) else _BELOW_AUTOGRAD
 
 
 def active_rows(mask: torch.Tensor, out_hw, block_size: int = 1) -> torch.Tensor:

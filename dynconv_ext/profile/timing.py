@@ -23,6 +23,22 @@ def with_env_switch(fn: Callable[[], object], var: str, on: bool) -> Callable[[]
     return run
 
 
+def with_attrs(fn: Callable[[], object], obj: object, **values) -> Callable[[], object]:
+    """`fn` with attributes of `obj` (a module's function, a class's method, a flag) set to `values` for each call
+    and put back after it: a Python-level switch timed both ways in one process, as with_env_switch is for the
+    kernels' switches."""
+    def run():
+        old = {name: getattr(obj, name) for name in values}
+        for name, value in values.items():
+            setattr(obj, name, value)
+        try:
+            return fn()
+        finally:
+            for name, value in old.items():
+                setattr(obj, name, value)
+    return run
+
+
 def interleaved_medians(fns: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
                         min_time_s: float = 0.0, grad: bool = False, burst: int = 1,
                         cold: Optional[Dict[str, float]] = None) -> Dict[str, float]:

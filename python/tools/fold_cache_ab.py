@@ -15,7 +15,7 @@ import torch
 
 from dynconv_ext import models
 from dynconv_ext.nn.blocks import GatedBlock, fold_bn
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_attrs
 
 CASES = [("dynconv_resnet32", models.dynconv_resnet32, 1, 32), ("dynconv_resnet32", models.dynconv_resnet32, 64, 32),
          ("dynconv_resnet50", models.dynconv_resnet50, 1, 224), ("dynconv_resnet50", models.dynconv_resnet50, 8, 224),
@@ -29,8 +29,6 @@ def main():
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cached = GatedBlock._folded
-
     def fresh(self, pairs):
         return [fold_bn(c, b) for c, b in pairs]
 
@@ -41,13 +39,9 @@ def main():
         net = factory().eval()
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
 
-        def forward(folded):
-            def run():
-                GatedBlock._folded = folded
-                return net(x)
-            return run
-        t = interleaved_medians({"cached": forward(cached), "fresh": forward(fresh)}, reps=args.rounds)
-        GatedBlock._folded = cached
+        forward = (lambda net=net, x=x: net(x))
+        t = interleaved_medians({"cached": forward, "fresh": with_attrs(forward, GatedBlock, _folded=fresh)},
+                                reps=args.rounds)
         on, off = t["cached"], t["fresh"]  # ms
         print(f"| {name} | {n} | {on:.2f} | {off:.2f} | {off / on:.3f}x |")
 

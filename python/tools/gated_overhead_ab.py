@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dynconv_ext import models
 from dynconv_ext.nn.gates import MaskUnit
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_attrs
 
 dm = importlib.import_module("dynconv_ext.ops.dilate_mask")
 blocks_mod = importlib.import_module("dynconv_ext.nn.blocks")
@@ -40,7 +40,6 @@ def main():
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    logits_now, op_dilate, conv_now = MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d
     from dynconv_ext.ops import masked_conv2d as conv_checked
 
     def torch_dilate(mask, kernel, dilation=1):
@@ -53,26 +52,21 @@ def main():
         torch.manual_seed(0)
         net = factory().eval()
         models.randomize_gates(net, std=1.0)
-        blocks = [b for b in net.modules() if hasattr(b, "_stats_thunk") or hasattr(type(b), "last_stats")]
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             net(x)
-        dens = [float(b.last_stats["density"].mean()) for b in blocks]
+        dens, blocks = models.mean_density(net), models.gated_blocks(net)
 
-        def now():
-            MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = logits_now, op_dilate, conv_now
-            return net(x)
-
-        def before():
-            MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = pooled_logits, torch_dilate, conv_checked
+        def forward_reading_stats(net=net, x=x, blocks=blocks):  # the stats computed every forward, as they were
             out = net(x)
             for b in blocks:
                 b.last_stats
             return out
-        t = interleaved_medians({"now": now, "before": before, "dense": lambda: net.forward_dense(x, fold_bn=True)},
-                                reps=args.rounds, burst=2)
-        MaskUnit.logits, blocks_mod.dilate_mask, blocks_mod.masked_conv2d = logits_now, op_dilate, conv_now
-        print(f"| {name} | {n} | {sum(dens) / len(dens):.2f} | {t['now']:.2f} | {t['before']:.2f} | "
+        before = with_attrs(with_attrs(forward_reading_stats, MaskUnit, logits=pooled_logits), blocks_mod,
+                            dilate_mask=torch_dilate, masked_conv2d_unchecked=conv_checked)
+        t = interleaved_medians({"now": lambda: net(x), "before": before,
+                                 "dense": lambda: net.forward_dense(x, fold_bn=True)}, reps=args.rounds, burst=2)
+        print(f"| {name} | {n} | {dens:.2f} | {t['now']:.2f} | {t['before']:.2f} | "
               f"{t['before'] / t['now']:.2f}x | {t['dense']:.2f} | {t['dense'] / t['now']:.2f}x |", flush=True)
 
 

@@ -21,24 +21,23 @@ import torch
 
 from dynconv_ext import models
 from dynconv_ext.nn import SparseConv2d
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_attrs
 
 # (the module: dynconv_ext.ops.masked_conv2d as an attribute is the function of the same name)
 mc = importlib.import_module("dynconv_ext.ops.masked_conv2d")
 
 
-def switched(fn, fast: bool, ctx):
+def in_mode(fn, ctx):
     def run():
-        mc.EAGER_FAST_PATH = fast
         with ctx():
             return fn()
     return run
 
 
 def ab(fn, ctx, rounds, burst=3):
-    t = interleaved_medians({"fast": switched(fn, True, ctx), "registered": switched(fn, False, ctx)},
+    fn = in_mode(fn, ctx)
+    t = interleaved_medians({"fast": fn, "registered": with_attrs(fn, mc, EAGER_FAST_PATH=False)},
                             reps=rounds, grad=True, burst=burst)
-    mc.EAGER_FAST_PATH = True
     return t["fast"], t["registered"]
 
 
@@ -79,7 +78,7 @@ def main():
             ("inference_mode, forward", loop(lambda: conv(x, m)), torch.inference_mode, loop(lambda: dense(x)))]
     for name, fn, ctx, ref in rows:
         fast, reg = ab(fn, ctx, args.rounds)
-        ref_ms = interleaved_medians({"ref": switched(ref, True, ctx)}, reps=args.rounds, grad=True)["ref"]
+        ref_ms = interleaved_medians({"ref": in_mode(ref, ctx)}, reps=args.rounds, grad=True)["ref"]
         us = 1e3 / k
         print(f"| {name} | {fast * us:.1f} | {reg * us:.1f} | {reg / fast:.2f}x | {ref_ms * us:.1f} |")
 
@@ -94,27 +93,20 @@ def main():
         xi = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             net(xi)
-        dens = [float(b.last_stats["density"].mean()) for b in net.modules() if getattr(b, "last_stats", None)]
         fast, reg = ab(lambda: net(xi), torch.no_grad, args.rounds)
-        print(f"| {name} | {n} | eval, no_grad | {sum(dens) / len(dens):.2f} | {fast:.2f} | {reg:.2f} | "
+        print(f"| {name} | {n} | eval, no_grad | {models.mean_density(net):.2f} | {fast:.2f} | {reg:.2f} | "
               f"{reg / fast:.2f}x |")
 
     # Part 3: the fold caches' key, taken in C++ (weights_signature) or in Python, once per forward.
     from dynconv_ext.models import early_exit as ee
     from dynconv_ext.profile import early_exit_table as eet
-    native = ee._native_stamps
     print("\n| model | N | C++ stamps ms | Python stamps ms | Python / C++ |\n|---|---|---|---|---|")
     for name in ("msdnet_cifar", "ranet_cifar"):
         net = eet.build(name)
         xi = eet._cifar_input(1)
-
-        def forward(stamps):
-            def run():
-                ee._native_stamps = stamps
-                return net(xi)
-            return run
-        t = interleaved_medians({"native": forward(native), "python": forward(None)}, reps=args.rounds, burst=3)
-        ee._native_stamps = native
+        forward = (lambda net=net, xi=xi: net(xi))
+        t = interleaved_medians({"native": forward, "python": with_attrs(forward, ee, _native_stamps=None)},
+                                reps=args.rounds, burst=3)
         print(f"| {name} | 1 | {t['native']:.2f} | {t['python']:.2f} | {t['python'] / t['native']:.2f}x |")
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 from dynconv_ext import models
-from dynconv_ext.profile.timing import interleaved_medians, machine_description
+from dynconv_ext.profile.timing import interleaved_medians, machine_description, with_attrs
 
 mc = importlib.import_module("dynconv_ext.ops.masked_conv2d")
 CASES = [("dynconv_resnet50", models.dynconv_resnet50, 1, 224), ("dynconv_resnet50", models.dynconv_resnet50, 8, 224),
@@ -46,16 +46,10 @@ def main():
         x = torch.randn(n, 3, size, size).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             net(x)
-        dens = [float(b.last_stats["density"].mean()) for b in net.modules() if getattr(b, "last_stats", None)]
-
-        def forward(rule):
-            def run():
-                mc.dense_crossover = rule
-                return net(x)
-            return run
-        t = interleaved_medians({"aware": forward(aware), "blind": forward(blind)}, reps=args.rounds)
-        mc.dense_crossover = aware
-        print(f"| {name} | {n} | {sum(dens) / len(dens):.2f} | {t['aware']:.2f} | {t['blind']:.2f} | "
+        forward = (lambda net=net, x=x: net(x))
+        t = interleaved_medians({"aware": forward, "blind": with_attrs(forward, mc, dense_crossover=blind)},
+                                reps=args.rounds)
+        print(f"| {name} | {n} | {models.mean_density(net):.2f} | {t['aware']:.2f} | {t['blind']:.2f} | "
               f"{t['blind'] / t['aware']:.2f}x |", flush=True)
 
 
